@@ -1,0 +1,5 @@
+"""`python -m clrsearch` runs the command line."""
+
+from clrsearch.cli import main
+
+main()

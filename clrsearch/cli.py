@@ -1,0 +1,231 @@
+"""The `clrsearch` command: serve, worker, submit, status, demo, db upgrade.
+
+Server and worker code is imported inside each command, so that `clrsearch status`
+does not pay for importing torch and Optuna.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Hyperparameter search for torch's CyclicLR schedules.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+db_app = typer.Typer(help="Database commands.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+console = Console()
+errors = Console(stderr=True)
+
+ServerOption = Annotated[str, typer.Option(
+    "--server", envvar="CLRSEARCH_SERVER_URL", help="The server's base URL.")]
+AdminTokenOption = Annotated[str | None, typer.Option(
+    "--token", envvar="CLRSEARCH_ADMIN_TOKEN", help="Admin token, when the server has one.",
+    show_default=False)]
+ReadTokenOption = Annotated[str | None, typer.Option(
+    "--token", envvar="CLRSEARCH_READ_TOKEN", help="Read token, when the server has one.",
+    show_default=False)]
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Optuna logs each trial at INFO through its own handler; our logs already say it.
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    database_url: Annotated[str | None, typer.Option(
+        help="SQLAlchemy URL; default sqlite:///clrsearch.db.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        help="Allow a non-loopback address without tokens.")] = False,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+) -> None:
+    """Run the API server (applies database migrations first)."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import ServerSettings
+
+    overrides: dict[str, Any] = {"host": host, "port": port, "database_url": database_url}
+    settings = ServerSettings(
+        **{key: value for key, value in overrides.items() if value is not None},
+        **({"insecure": True} if insecure else {}),
+    )
+    try:
+        settings.check_exposure()
+    except ValueError as error:
+        errors.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    configure_logging(log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=log_level.lower(), access_log=False)
+
+
+@app.command()
+def worker(
+    server: ServerOption = "http://127.0.0.1:8000",
+    worker_id: Annotated[str | None, typer.Option(
+        help="Stable id; a restarted worker with the same id gets its trial back.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    data_dir: Annotated[Path | None, typer.Option(help="Where datasets are kept.")] = None,
+    max_idle_s: Annotated[float | None, typer.Option(
+        help="Leave after this long without work (default: never).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+) -> None:
+    """Run a worker: claim trials, train them, report, repeat."""
+    from worker.loop import Worker
+    from worker.settings import WorkerSettings
+
+    overrides: dict[str, Any] = {
+        "server_url": server, "worker_id": worker_id, "device": device, "data_dir": data_dir,
+        "max_idle_s": max_idle_s, "torch_threads": threads,
+    }
+    settings = WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    configure_logging(log_level)
+    runner = Worker(settings)
+    runner.install_signal_handlers()
+    runner.run()
+
+
+@app.command()
+def submit(
+    spec_file: Annotated[Path, typer.Argument(help="A study spec, as JSON.", exists=True,
+                                              dir_okay=False, readable=True)],
+    server: ServerOption = "http://127.0.0.1:8000",
+    token: AdminTokenOption = None,
+) -> None:
+    """Submit a study spec (the same JSON document as POST /api/v1/studies)."""
+    try:
+        spec = json.loads(spec_file.read_text())
+    except json.JSONDecodeError as error:
+        errors.print(f"[red]error:[/red] {spec_file} is not valid JSON: {error}")
+        raise typer.Exit(2) from None
+    study = _request("POST", server, "/api/v1/studies", token, json=spec)
+    console.print(f"study [bold]{study['name']}[/bold] submitted: {study['n_trials']} trials, "
+                  f"{study['parallelism']} at a time, objective {study['objective']}")
+
+
+@app.command()
+def status(
+    study: Annotated[str | None, typer.Argument(help="A study's name for its trials.")] = None,
+    server: ServerOption = "http://127.0.0.1:8000",
+    token: ReadTokenOption = None,
+    limit: Annotated[int, typer.Option(help="Trials to show.")] = 50,
+) -> None:
+    """Show a table of studies, or of one study's trials."""
+    if study is None:
+        console.print(studies_table(_request("GET", server, "/api/v1/studies", token)))
+        return
+    detail = _request("GET", server, f"/api/v1/studies/{study}", token)
+    page = _request("GET", server, f"/api/v1/studies/{study}/trials", token,
+                    params={"limit": limit})
+    console.print(studies_table([detail]))
+    console.print(trials_table(page["trials"], detail["objective"]))
+    if page["total"] > len(page["trials"]):
+        console.print(f"({len(page['trials'])} of {page['total']} trials shown; --limit)")
+
+
+@app.command()
+def demo(
+    trials: Annotated[int, typer.Option(help="Trials in the demo study.")] = 20,
+    workers: Annotated[int, typer.Option(help="Local worker processes.")] = 2,
+    port: Annotated[int, typer.Option(help="Port for the demo server.")] = 8765,
+    database_url: Annotated[str, typer.Option(help="Where the study is kept.")] = (
+        "sqlite:///clrsearch.db"),
+) -> None:
+    """Run a demo study on the bundled digits data with a local server and workers."""
+    from clrsearch.demo import run_demo
+
+    raise typer.Exit(run_demo(trials=trials, workers=workers, port=port,
+                              database_url=database_url, console=console))
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    database_url: Annotated[str | None, typer.Option(
+        help="SQLAlchemy URL; default CLRSEARCH_DATABASE_URL or sqlite:///clrsearch.db.")] = None,
+) -> None:
+    """Apply clrsearch's migrations and create or check Optuna's tables."""
+    from service.migrations import upgrade_database
+    from service.settings import ServerSettings
+
+    url = database_url or ServerSettings().database_url
+    configure_logging("INFO")
+    upgrade_database(url)
+    console.print("database is up to date")
+
+
+def _request(method: str, server: str, path: str, token: str | None, **kwargs: Any) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(method, server.rstrip("/") + path, headers=headers,
+                                 timeout=30, **kwargs)
+    except httpx.TransportError as error:
+        errors.print(f"[red]error:[/red] cannot reach the server at {server} ({error}); "
+                     "is `clrsearch serve` running? (--server or CLRSEARCH_SERVER_URL)")
+        raise typer.Exit(1) from None
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        errors.print(f"[red]error ({response.status_code}):[/red] {detail}")
+        raise typer.Exit(1)
+    return response.json()
+
+
+def studies_table(studies: list[dict[str, Any]]) -> Table:
+    table = Table(title="studies")
+    for column in ("name", "state", "done / budget", "running", "best", "objective",
+                   "sampler", "pruner"):
+        table.add_column(column)
+    for study in studies:
+        counts = study["counts"]
+        done = counts["complete"] + counts["pruned"] + counts["failed"] + counts["stopped"]
+        best = study["best_value"]
+        table.add_row(
+            study["name"], study["state"], f"{done} / {study['n_trials']}",
+            str(counts["running"]), "-" if best is None else f"{best:.4f}",
+            study["objective"], study["sampler"], study["pruner"],
+        )
+    return table
+
+
+def trials_table(trials: list[dict[str, Any]], objective: str) -> Table:
+    table = Table(title="trials")
+    for column in ("#", "state", objective, "base_lr", "max_lr", "step up", "mode",
+                   "epochs", "worker"):
+        table.add_column(column)
+    for trial in trials:
+        params = trial["params"]
+        value = trial["value"]
+        table.add_row(
+            str(trial["number"]), trial["state"], "-" if value is None else f"{value:.4f}",
+            f"{params['base_lr']:.3g}", f"{params['max_lr']:.3g}",
+            f"{params['step_size_up']:.3g} {params['step_size_unit']}", params["mode"],
+            str(trial["epochs_run"]), trial["worker_id"] or "-",
+        )
+    return table
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

@@ -1,0 +1,98 @@
+"""Wire schemas of the worker protocol (claim, heartbeat, report, complete, fail).
+
+Shared by the server and the workers; imports only pydantic and `clrsearch.spec`.
+
+| call                          | body            | answer            |
+|-------------------------------|-----------------|-------------------|
+| POST /api/v1/worker/claim     | ClaimRequest    | ClaimResponse     |
+| POST .../trials/{id}/heartbeat| HeartbeatRequest| Decision          |
+| POST .../trials/{id}/report   | EpochReport     | Decision          |
+| POST .../trials/{id}/complete | CompleteRequest | Ack               |
+| POST .../trials/{id}/fail     | FailRequest     | Ack               |
+
+Every call after claim carries the `lease_id` it was given, so that a worker whose
+lease lapsed and whose trial went to another worker is told so instead of writing
+over the new holder's results.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from clrsearch.spec import CyclicParams, Objective, TaskSpec
+
+Action = Literal["continue", "prune", "stop"]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ClaimRequest(_Wire):
+    worker_id: str = Field(min_length=1, max_length=200)
+    host: str = Field("", max_length=200)
+    device: str = Field("cpu", max_length=200)
+
+
+class TrialAssignment(_Wire):
+    trial_id: int
+    lease_id: str
+    study_name: str
+    number: int
+    attempt: int
+    params: CyclicParams
+    task: TaskSpec
+    objective: Objective
+    lease_s: float
+    heartbeat_s: float
+
+
+class ClaimResponse(_Wire):
+    trial: TrialAssignment | None = None
+    retry_after_s: float = 0.0
+
+
+class HeartbeatRequest(_Wire):
+    lease_id: str
+
+
+class EpochReport(_Wire):
+    """One epoch's results. Repeating the same epoch records nothing new."""
+
+    lease_id: str
+    epoch: int = Field(ge=1)
+    iterations: int = Field(ge=0)
+    train_loss: float
+    val_loss: float
+    val_accuracy: float = Field(ge=0, le=1)
+    duration_s: float = Field(ge=0)
+    # The LR and momentum applied at each optimizer step of this epoch, as run.
+    lrs: list[float] = Field(default_factory=list, max_length=1_000_000)
+    momentums: list[float] = Field(default_factory=list, max_length=1_000_000)
+
+
+class Decision(_Wire):
+    action: Action
+    reason: str = ""
+
+
+class CompleteRequest(_Wire):
+    lease_id: str
+    value: float
+    pruned: bool = False
+    stopped: bool = False
+
+
+class FailRequest(_Wire):
+    lease_id: str
+    error: str = Field(max_length=20000)
+    # True for losses that a retry on another worker may fix (the worker was asked to
+    # shut down, the device vanished); False for errors in training itself.
+    retryable: bool = False
+
+
+class Ack(_Wire):
+    recorded: bool
+    state: str

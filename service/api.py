@@ -1,0 +1,185 @@
+"""REST routes. Each parses the request, calls one domain function in one unit of work,
+and returns its answer; the rules and the SQL live in `service.domain`."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Iterator
+from typing import Annotated, Literal, TypeVar
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from clrsearch import protocol
+from clrsearch.spec import StudySpec
+from service import domain
+from service.db import unit_of_work
+from service.errors import Unauthorized
+from service.optuna_bridge import OptunaBridge
+from service.schemas import (
+    StudyDetail,
+    StudySummary,
+    TrialDetail,
+    TrialPage,
+    TrialSummary,
+    WorkerView,
+)
+from service.settings import ServerSettings
+
+T = TypeVar("T")
+Role = Literal["read", "admin", "worker"]
+TrialState = Literal["queued", "running", "complete", "pruned", "failed", "stopped"]
+
+bearer = HTTPBearer(auto_error=False)
+
+
+def _settings(request: Request) -> ServerSettings:
+    return request.app.state.settings
+
+
+def _bridge(request: Request) -> OptunaBridge:
+    return request.app.state.bridge
+
+
+def _session(request: Request) -> Iterator[Session]:
+    with unit_of_work(request.app.state.sessions) as session:
+        yield session
+
+
+def _token_matches(given: str, expected: object) -> bool:
+    # Constant-time comparison, so response timing does not leak the token.
+    return expected is not None and hmac.compare_digest(
+        given.encode(), expected.get_secret_value().encode()  # type: ignore[attr-defined]
+    )
+
+
+def require(role: Role) -> Callable[..., None]:
+    """A dependency that admits a request carrying a token good for `role`.
+
+    With no tokens configured (the local default) every route is open. Admin tokens
+    are good for every route; worker tokens only for the worker protocol; read tokens
+    for GET routes.
+    """
+
+    def check(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        settings: ServerSettings = request.app.state.settings
+        if role == "read" and settings.read_token is None:
+            return  # reads are open unless a read token is configured
+        accepted = {
+            "admin": [settings.admin_token],
+            "worker": [settings.worker_token, settings.admin_token],
+            "read": [settings.read_token, settings.admin_token],
+        }[role]
+        if all(token is None for token in accepted):
+            return  # no token configured for this role: the open local default
+        if credentials is None:
+            raise Unauthorized(f"this route needs a bearer token with {role} access")
+        if not any(_token_matches(credentials.credentials, token) for token in accepted):
+            raise Unauthorized(f"the token given does not grant {role} access", 403)
+
+    return check
+
+
+SessionDep = Annotated[Session, Depends(_session)]
+BridgeDep = Annotated[OptunaBridge, Depends(_bridge)]
+SettingsDep = Annotated[ServerSettings, Depends(_settings)]
+
+studies = APIRouter(prefix="/api/v1", tags=["studies"])
+workers = APIRouter(prefix="/api/v1/worker", tags=["worker protocol"],
+                    dependencies=[Depends(require("worker"))])
+
+
+@studies.post("/studies", status_code=201, dependencies=[Depends(require("admin"))])
+def create_study(spec: StudySpec, session: SessionDep, bridge: BridgeDep) -> StudyDetail:
+    """Submit a study; the answer holds the full spec with every default filled in."""
+    return domain.create_study(session, bridge, spec)
+
+
+@studies.get("/studies", dependencies=[Depends(require("read"))])
+def list_studies(session: SessionDep) -> list[StudySummary]:
+    return domain.list_studies(session)
+
+
+@studies.get("/studies/{name}", dependencies=[Depends(require("read"))])
+def get_study(name: str, session: SessionDep) -> StudyDetail:
+    return domain.get_study(session, name)
+
+
+@studies.post("/studies/{name}/stop", dependencies=[Depends(require("admin"))])
+def stop_study(name: str, session: SessionDep, bridge: BridgeDep) -> StudyDetail:
+    """Stop a study: queued trials end now, running ones at their next call."""
+    return domain.stop_study(session, bridge, name)
+
+
+@studies.get("/studies/{name}/trials", dependencies=[Depends(require("read"))])
+def list_trials(
+    name: str,
+    session: SessionDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    state: TrialState | None = None,
+) -> TrialPage:
+    return domain.list_trials(session, name, offset=offset, limit=limit, state=state)
+
+
+@studies.get("/studies/{name}/best", dependencies=[Depends(require("read"))])
+def best_trial(name: str, session: SessionDep) -> TrialSummary:
+    return domain.best_trial(session, name)
+
+
+@studies.get("/studies/{name}/trials/{number}", dependencies=[Depends(require("read"))])
+def get_trial(
+    name: str,
+    number: int,
+    session: SessionDep,
+    max_points: Annotated[int, Query(ge=2, le=100_000)] = domain.DEFAULT_TRACE_POINTS,
+) -> TrialDetail:
+    """One trial with its per-epoch curve and the LR and momentum it ran at each step."""
+    return domain.get_trial(session, name, number, max_points)
+
+
+@studies.get("/workers", dependencies=[Depends(require("read"))])
+def list_workers(session: SessionDep) -> list[WorkerView]:
+    return domain.list_workers(session)
+
+
+@workers.post("/claim")
+def claim(
+    body: protocol.ClaimRequest, session: SessionDep, bridge: BridgeDep,
+    settings: SettingsDep,
+) -> protocol.ClaimResponse:
+    return domain.claim(session, bridge, settings, body)
+
+
+@workers.post("/trials/{trial_id}/heartbeat")
+def heartbeat(
+    trial_id: int, body: protocol.HeartbeatRequest, session: SessionDep,
+    settings: SettingsDep,
+) -> protocol.Decision:
+    return domain.heartbeat(session, settings, trial_id, body)
+
+
+@workers.post("/trials/{trial_id}/report")
+def report(
+    trial_id: int, body: protocol.EpochReport, session: SessionDep, bridge: BridgeDep,
+    settings: SettingsDep,
+) -> protocol.Decision:
+    return domain.report(session, bridge, settings, trial_id, body)
+
+
+@workers.post("/trials/{trial_id}/complete")
+def complete(
+    trial_id: int, body: protocol.CompleteRequest, session: SessionDep, bridge: BridgeDep
+) -> protocol.Ack:
+    return domain.complete(session, bridge, trial_id, body)
+
+
+@workers.post("/trials/{trial_id}/fail")
+def fail(
+    trial_id: int, body: protocol.FailRequest, session: SessionDep, bridge: BridgeDep
+) -> protocol.Ack:
+    return domain.fail(session, bridge, trial_id, body)

@@ -1,0 +1,121 @@
+"""The FastAPI application: wiring, error mapping, the lease sweeper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.middleware.base import BaseHTTPMiddleware
+
+import clrsearch
+from service import api, domain
+from service.db import db_now, make_engine, make_sessionmaker, unit_of_work
+from service.errors import ClrsearchError
+from service.migrations import upgrade_database
+from service.optuna_bridge import OptunaBridge
+from service.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: ServerSettings | None = None, migrate: bool = True) -> FastAPI:
+    """Build the server. Migrations run at start-up unless `migrate` is False."""
+    settings = settings or ServerSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if migrate:
+            await asyncio.to_thread(upgrade_database, settings.database_url)
+        engine = make_engine(settings.database_url)
+        app.state.sessions = make_sessionmaker(engine)
+        app.state.bridge = OptunaBridge(settings.database_url)
+        sweeper = asyncio.create_task(_sweep_forever(app, settings.sweep_interval_s))
+        logger.info("server ready on %s:%d", settings.host, settings.port)
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            app.state.bridge.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="clrsearch",
+        version=clrsearch.__version__,
+        description="Hyperparameter search for torch's CyclicLR schedules.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(_BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(api.studies)
+    app.include_router(api.workers)
+    _install_error_handlers(app)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz(request: Request) -> dict[str, str]:
+        """Liveness and database reachability."""
+        with unit_of_work(request.app.state.sessions) as session:
+            session.execute(text("SELECT 1"))
+        return {"status": "ok"}
+
+    return app
+
+
+async def _sweep_forever(app: FastAPI, interval_s: float) -> None:
+    """Return lapsed leases to the queue even when no worker is claiming."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(_sweep_once, app)
+        except Exception:
+            logger.exception("lease sweep failed; trying again in %.0f s", interval_s)
+
+
+def _sweep_once(app: FastAPI) -> None:
+    with unit_of_work(app.state.sessions) as session:
+        domain.sweep_lapsed_leases(session, app.state.bridge, db_now(session))
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClrsearchError)
+    async def _domain_error(_request: Request, error: ClrsearchError) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
+        # One readable line per problem, each naming the field: "space.max_lr: ...".
+        problems = []
+        for item in error.errors():
+            location = ".".join(str(part) for part in item["loc"] if part != "body")
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append({"field": location, "message": message})
+        summary = "; ".join(f"{p['field'] or 'body'}: {p['message']}" for p in problems)
+        return JSONResponse(
+            {"detail": summary, "errors": jsonable_encoder(problems)}, status_code=422
+        )
+
+
+class _BodySizeLimit(BaseHTTPMiddleware):
+    """Refuse bodies larger than the configured limit before reading them."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        super().__init__(app)
+        self.max_bytes = max_bytes
+
+    async def dispatch(self, request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return JSONResponse(
+                {"detail": f"request body of {length} bytes is over the "
+                           f"{self.max_bytes}-byte limit (CLRSEARCH_MAX_BODY_BYTES)"},
+                status_code=413,
+            )
+        return await call_next(request)

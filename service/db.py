@@ -1,0 +1,91 @@
+"""Engine, sessions and the database clock.
+
+SQLite is made safe for several concurrent requests the way SQLite allows it: WAL so
+readers never wait for the writer, a busy timeout instead of "database is locked", and
+`BEGIN IMMEDIATE` on every transaction so there is one writer at a time and a claim
+cannot interleave with another. PostgreSQL uses row locks instead (see `domain`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.errors import ClrsearchError
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class DatabaseUnavailable(ClrsearchError):
+    """Raised when the database cannot be reached; answered with 503."""
+
+    status_code = 503
+
+
+def is_sqlite(engine_or_url: Engine | str) -> bool:
+    url = engine_or_url if isinstance(engine_or_url, str) else str(engine_or_url.url)
+    return url.startswith("sqlite")
+
+
+def make_engine(url: str) -> Engine:
+    if is_sqlite(url):
+        engine = create_engine(
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        )
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # pysqlite's own BEGIN is deferred; take over so that BEGIN IMMEDIATE is used.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One transaction per request: commit here on success, roll back on any error."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except OperationalError as error:
+        session.rollback()
+        raise DatabaseUnavailable(
+            f"the database did not answer ({error.orig!s}); retry shortly"
+        ) from error
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def db_now(session: Session) -> dt.datetime:
+    """The database's clock, as naive UTC, so that leases do not depend on host clocks."""
+    if is_sqlite(session.get_bind()):
+        value = session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+        return dt.datetime.fromisoformat(value)
+    return session.execute(text("SELECT timezone('utc', now())")).scalar_one()

@@ -1,0 +1,561 @@
+"""Domain operations: what happens to studies and trials. Routes call these; they hold
+the SQL and the rules, and call Optuna only through `OptunaBridge`.
+
+Every function takes the request's session and never commits: `db.unit_of_work`
+commits once per request. Claims are serialised per study by a row lock on the study
+(`SELECT ... FOR UPDATE` on PostgreSQL; on SQLite every transaction is `BEGIN
+IMMEDIATE`, one writer at a time), so no study exceeds its parallelism or its trial
+budget whatever the number of workers and server processes. Leases are timed by the
+database clock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+from collections import Counter
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from clrsearch import protocol
+from clrsearch.spec import CyclicParams, StudySpec
+from service import models
+from service.db import db_now, is_sqlite
+from service.errors import LeaseLost, NotFound, StudyExists
+from service.models import Study, Trial, TrialEpoch, Worker
+from service.optuna_bridge import OptunaBridge
+from service.schemas import (
+    EpochView,
+    LrTrace,
+    StudyDetail,
+    StudySummary,
+    TrialCounts,
+    TrialDetail,
+    TrialPage,
+    TrialSummary,
+    WorkerView,
+)
+from service.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACE_POINTS = 2000
+
+
+# -- studies ------------------------------------------------------------------------------
+
+
+def create_study(session: Session, bridge: OptunaBridge, spec: StudySpec) -> StudyDetail:
+    if session.scalar(select(Study.id).where(Study.name == spec.name)) is not None:
+        raise StudyExists(
+            f"a study named {spec.name!r} already exists; choose another name"
+        )
+    now = db_now(session)
+    study = Study(
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        direction="minimize" if spec.objective == "val_loss" else "maximize",
+        state=models.STUDY_RUNNING,
+        n_trials=spec.n_trials,
+        parallelism=spec.parallelism,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(study)
+    session.flush()
+    bridge.create_study(spec)
+    logger.info(
+        "study %r created: %d trials, %d at a time, sampler %s",
+        spec.name, spec.n_trials, spec.parallelism, spec.sampler,
+    )
+    return _study_detail(session, study)
+
+
+def list_studies(session: Session) -> list[StudySummary]:
+    studies = session.scalars(select(Study).order_by(Study.id)).all()
+    counts = _counts_by_study(session, [study.id for study in studies])
+    best = _best_values(session, studies)
+    return [
+        _study_summary(study, counts.get(study.id, TrialCounts()), best.get(study.id))
+        for study in studies
+    ]
+
+
+def get_study(session: Session, name: str) -> StudyDetail:
+    return _study_detail(session, _study_by_name(session, name))
+
+
+def stop_study(
+    session: Session, bridge: OptunaBridge, name: str, reason: str = "stopped by a person"
+) -> StudyDetail:
+    study = _study_by_name(session, name, lock=True)
+    if study.state == models.STUDY_RUNNING:
+        now = db_now(session)
+        study.state = models.STUDY_STOPPED
+        study.stop_reason = reason
+        study.updated_at = now
+        spec = _spec(study)
+        queued = session.scalars(
+            select(Trial).where(Trial.study_id == study.id, Trial.state == models.QUEUED)
+        ).all()
+        for trial in queued:
+            _finish(session, bridge, spec, trial, models.STOPPED, now, error=reason)
+        # Running trials hear of it at their next heartbeat or report and end as stopped.
+        logger.info("study %r stopped: %s", name, reason)
+    return _study_detail(session, study)
+
+
+def best_trial(session: Session, name: str) -> TrialSummary:
+    study = _study_by_name(session, name)
+    trial = _best_trial_row(session, study)
+    if trial is None:
+        raise NotFound(f"study {name!r} has no complete trial yet")
+    return _trial_summary(trial)
+
+
+def list_trials(
+    session: Session, name: str, *, offset: int, limit: int, state: str | None
+) -> TrialPage:
+    study = _study_by_name(session, name)
+    query = select(Trial).where(Trial.study_id == study.id)
+    if state is not None:
+        query = query.where(Trial.state == state)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    rows = session.scalars(query.order_by(Trial.number).offset(offset).limit(limit)).all()
+    return TrialPage(
+        total=total or 0, offset=offset, limit=limit,
+        trials=[_trial_summary(trial) for trial in rows],
+    )
+
+
+def get_trial(
+    session: Session, name: str, number: int, max_points: int = DEFAULT_TRACE_POINTS
+) -> TrialDetail:
+    study = _study_by_name(session, name)
+    trial = session.scalar(
+        select(Trial).where(Trial.study_id == study.id, Trial.number == number)
+    )
+    if trial is None:
+        raise NotFound(f"study {name!r} has no trial number {number}")
+    epochs = trial.epochs
+    lrs = [lr for epoch in epochs for lr in epoch.lrs]
+    momentums = [momentum for epoch in epochs for momentum in epoch.momentums]
+    steps = thin_indices(len(lrs), max_points)
+    return TrialDetail(
+        **_trial_summary(trial).model_dump(),
+        study_name=study.name,
+        epochs=[EpochView.model_validate(epoch, from_attributes=True) for epoch in epochs],
+        lr_trace=LrTrace(
+            total_steps=len(lrs),
+            iterations=steps,
+            lr=[lrs[i] for i in steps],
+            momentum=[momentums[i] for i in steps if i < len(momentums)],
+        ),
+    )
+
+
+def list_workers(session: Session) -> list[WorkerView]:
+    workers = session.scalars(select(Worker).order_by(Worker.id)).all()
+    return [WorkerView.model_validate(worker, from_attributes=True) for worker in workers]
+
+
+def thin_indices(length: int, max_points: int) -> list[int]:
+    """Evenly spaced indices into a sequence, first and last included, at most max_points."""
+    if length <= max_points:
+        return list(range(length))
+    stride = (length - 1) / (max_points - 1)
+    return sorted({round(i * stride) for i in range(max_points)})
+
+
+# -- the worker protocol ------------------------------------------------------------------
+
+
+def claim(
+    session: Session, bridge: OptunaBridge, settings: ServerSettings,
+    request: protocol.ClaimRequest,
+) -> protocol.ClaimResponse:
+    now = db_now(session)
+    _touch_worker(session, request, now)
+
+    # A worker restarted under the same id is given back the trial it held.
+    held = session.scalar(
+        select(Trial).where(Trial.worker_id == request.worker_id, Trial.state == models.RUNNING)
+    )
+    if held is not None:
+        held.lease_expires_at = now + dt.timedelta(seconds=settings.lease_s)
+        logger.info(
+            "trial %d of study %r handed back to restarted worker %s",
+            held.number, held.study.name, request.worker_id,
+        )
+        return protocol.ClaimResponse(trial=_assignment(held, settings))
+
+    sweep_lapsed_leases(session, bridge, now)
+    for study_id in session.scalars(
+        select(Study.id).where(Study.state == models.STUDY_RUNNING).order_by(Study.id)
+    ).all():
+        trial = _claim_in_study(session, bridge, settings, study_id, request.worker_id, now)
+        if trial is not None:
+            _worker(session, request.worker_id).trial_id = trial.id
+            return protocol.ClaimResponse(trial=_assignment(trial, settings))
+    return protocol.ClaimResponse(retry_after_s=settings.claim_retry_s)
+
+
+def _claim_in_study(
+    session: Session, bridge: OptunaBridge, settings: ServerSettings,
+    study_id: int, worker_id: str, now: dt.datetime,
+) -> Trial | None:
+    # The row lock makes the count-then-ask below atomic across server processes.
+    study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
+    if study is None or study.state != models.STUDY_RUNNING:
+        return None
+    counts = _counts_by_study(session, [study.id]).get(study.id, TrialCounts())
+    if counts.running >= study.parallelism:
+        return None
+    trial = session.scalar(
+        select(Trial)
+        .where(Trial.study_id == study.id, Trial.state == models.QUEUED)
+        .order_by(Trial.number)
+        .limit(1)
+    )
+    if trial is None:
+        total = sum(counts.model_dump().values())
+        if total >= study.n_trials:
+            _complete_study_if_done(session, study, now)
+            return None
+        spec = _spec(study)
+        optuna_trial_id, number, params = bridge.ask(spec)
+        trial = Trial(
+            study_id=study.id, number=number, optuna_trial_id=optuna_trial_id,
+            state=models.QUEUED, params=params.model_dump(mode="json"), attempts=0,
+            created_at=now,
+        )
+        session.add(trial)
+    trial.state = models.RUNNING
+    trial.attempts += 1
+    trial.worker_id = worker_id
+    trial.lease_id = secrets.token_hex(16)
+    trial.lease_expires_at = now + dt.timedelta(seconds=settings.lease_s)
+    trial.started_at = now
+    study.updated_at = now
+    session.flush()
+    logger.info(
+        "trial %d of study %r claimed by worker %s (attempt %d)",
+        trial.number, study.name, worker_id, trial.attempts,
+    )
+    return trial
+
+
+def heartbeat(
+    session: Session, settings: ServerSettings, trial_id: int, body: protocol.HeartbeatRequest
+) -> protocol.Decision:
+    trial = _locked_trial(session, trial_id)
+    if trial.state != models.RUNNING or trial.lease_id != body.lease_id:
+        return protocol.Decision(action="stop", reason=_lost_reason(trial))
+    now = db_now(session)
+    trial.lease_expires_at = now + dt.timedelta(seconds=settings.lease_s)
+    if trial.worker_id is not None:
+        worker = session.get(Worker, trial.worker_id)
+        if worker is not None:
+            worker.last_seen_at = now
+    if trial.study.state != models.STUDY_RUNNING:
+        return protocol.Decision(action="stop", reason=f"study is {trial.study.state}")
+    return protocol.Decision(action="continue")
+
+
+def report(
+    session: Session, bridge: OptunaBridge, settings: ServerSettings, trial_id: int,
+    body: protocol.EpochReport,
+) -> protocol.Decision:
+    trial = _locked_trial(session, trial_id)
+    recorded = session.scalar(
+        select(TrialEpoch).where(TrialEpoch.trial_id == trial.id, TrialEpoch.epoch == body.epoch)
+    )
+    if recorded is not None:
+        # A repeated report (after a timeout, a retry) gets the answer the first one got.
+        return protocol.Decision(action=recorded.decision, reason="already recorded")
+    _require_lease(trial, body.lease_id)
+
+    now = db_now(session)
+    study = trial.study
+    spec = _spec(study)
+    value = body.val_loss if spec.objective == "val_loss" else body.val_accuracy
+    if study.state != models.STUDY_RUNNING:
+        action, reason = "stop", f"study is {study.state}"
+    elif bridge.report(spec, trial.optuna_trial_id, body.epoch, value):
+        action, reason = "prune", f"pruned at epoch {body.epoch} by the {_pruner_name(spec)}"
+    else:
+        action, reason = "continue", ""
+    session.add(TrialEpoch(
+        trial_id=trial.id, epoch=body.epoch, iterations=body.iterations,
+        train_loss=body.train_loss, val_loss=body.val_loss, val_accuracy=body.val_accuracy,
+        duration_s=body.duration_s, lrs=body.lrs, momentums=body.momentums,
+        decision=action, created_at=now,
+    ))
+    trial.epochs_run = max(trial.epochs_run, body.epoch)
+    trial.lease_expires_at = now + dt.timedelta(seconds=settings.lease_s)
+    if action == "prune":
+        trial.value = value
+        _finish(session, bridge, spec, trial, models.PRUNED, now)
+    elif action == "stop":
+        _finish(session, bridge, spec, trial, models.STOPPED, now, error=reason)
+    return protocol.Decision(action=action, reason=reason)
+
+
+def complete(
+    session: Session, bridge: OptunaBridge, trial_id: int, body: protocol.CompleteRequest
+) -> protocol.Ack:
+    trial = _locked_trial(session, trial_id)
+    if trial.lease_id == body.lease_id and trial.state in models.FINAL_TRIAL_STATES:
+        return protocol.Ack(recorded=True, state=trial.state)
+    _require_lease(trial, body.lease_id)
+    now = db_now(session)
+    spec = _spec(trial.study)
+    if body.stopped:
+        _finish(session, bridge, spec, trial, models.STOPPED, now, error="stopped")
+    elif body.pruned:
+        trial.value = body.value
+        _finish(session, bridge, spec, trial, models.PRUNED, now)
+    else:
+        trial.value = body.value
+        _finish(session, bridge, spec, trial, models.COMPLETE, now)
+    return protocol.Ack(recorded=True, state=trial.state)
+
+
+def fail(
+    session: Session, bridge: OptunaBridge, trial_id: int, body: protocol.FailRequest
+) -> protocol.Ack:
+    trial = _locked_trial(session, trial_id)
+    if trial.lease_id == body.lease_id and trial.state != models.RUNNING:
+        return protocol.Ack(recorded=True, state=trial.state)
+    _require_lease(trial, body.lease_id)
+    now = db_now(session)
+    spec = _spec(trial.study)
+    if body.retryable:
+        _retry_or_fail(session, bridge, spec, trial, now, f"handed back: {body.error}")
+    else:
+        _finish(session, bridge, spec, trial, models.FAILED, now, error=body.error)
+    return protocol.Ack(recorded=True, state=trial.state)
+
+
+def sweep_lapsed_leases(session: Session, bridge: OptunaBridge, now: dt.datetime) -> int:
+    """Retry or fail every running trial whose lease has lapsed; returns how many."""
+    query = select(Trial).where(
+        Trial.state == models.RUNNING, Trial.lease_expires_at < now
+    )
+    if not is_sqlite(session.get_bind()):
+        query = query.with_for_update(skip_locked=True)
+    lapsed = session.scalars(query).all()
+    for trial in lapsed:
+        reason = f"lease of worker {trial.worker_id} lapsed"
+        logger.warning(
+            "trial %d of study %r: %s", trial.number, trial.study.name, reason
+        )
+        _retry_or_fail(session, bridge, _spec(trial.study), trial, now, reason)
+    return len(lapsed)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _retry_or_fail(
+    session: Session, bridge: OptunaBridge, spec: StudySpec, trial: Trial,
+    now: dt.datetime, reason: str,
+) -> None:
+    study = trial.study
+    if study.state != models.STUDY_RUNNING:
+        _finish(session, bridge, spec, trial, models.STOPPED, now, error=reason)
+    elif trial.attempts <= spec.max_retries:
+        # Same Optuna trial, same parameters: the sampler sees one trial, not two.
+        trial.state = models.QUEUED
+        trial.worker_id = None
+        trial.lease_expires_at = None
+        trial.error = reason
+        _release_worker(session, trial)
+        logger.info(
+            "trial %d of study %r queued again after attempt %d: %s",
+            trial.number, study.name, trial.attempts, reason,
+        )
+    else:
+        _finish(
+            session, bridge, spec, trial, models.FAILED, now,
+            error=f"{reason}; gave up after {trial.attempts} attempts",
+        )
+
+
+def _finish(
+    session: Session, bridge: OptunaBridge, spec: StudySpec, trial: Trial, state: str,
+    now: dt.datetime, error: str | None = None,
+) -> None:
+    bridge.tell(spec, trial.number, state, trial.value)
+    trial.state = state
+    trial.finished_at = now
+    trial.lease_expires_at = None
+    if error is not None:
+        trial.error = error
+    _release_worker(session, trial)
+    level = logging.WARNING if state == models.FAILED else logging.INFO
+    logger.log(
+        level, "trial %d of study %r %s (value %s)%s",
+        trial.number, trial.study.name, state, trial.value,
+        f": {error}" if error and state == models.FAILED else "",
+    )
+    _complete_study_if_done(session, trial.study, now)
+
+
+def _complete_study_if_done(session: Session, study: Study, now: dt.datetime) -> None:
+    session.flush()
+    if study.state != models.STUDY_RUNNING:
+        return
+    counts = _counts_by_study(session, [study.id]).get(study.id, TrialCounts())
+    finished = counts.complete + counts.pruned + counts.failed + counts.stopped
+    if finished >= study.n_trials and counts.running == 0 and counts.queued == 0:
+        study.state = models.STUDY_COMPLETE
+        study.updated_at = now
+        logger.info("study %r complete: %d trials finished", study.name, finished)
+
+
+def _release_worker(session: Session, trial: Trial) -> None:
+    if trial.worker_id is None:
+        return
+    worker = session.get(Worker, trial.worker_id)
+    if worker is not None and worker.trial_id == trial.id:
+        worker.trial_id = None
+
+
+def _require_lease(trial: Trial, lease_id: str) -> None:
+    if trial.state != models.RUNNING or trial.lease_id != lease_id:
+        raise LeaseLost(
+            f"trial {trial.number} of study {trial.study.name!r} is not leased to this "
+            f"worker any more ({_lost_reason(trial)}); drop it and claim another"
+        )
+
+
+def _lost_reason(trial: Trial) -> str:
+    if trial.state != models.RUNNING:
+        return f"the trial is {trial.state}"
+    return "the lease lapsed and the trial went to another worker"
+
+
+def _locked_trial(session: Session, trial_id: int) -> Trial:
+    trial = session.scalar(select(Trial).where(Trial.id == trial_id).with_for_update())
+    if trial is None:
+        raise NotFound(f"no trial with id {trial_id}")
+    return trial
+
+
+def _touch_worker(session: Session, request: protocol.ClaimRequest, now: dt.datetime) -> None:
+    worker = session.get(Worker, request.worker_id)
+    if worker is None:
+        session.add(Worker(
+            id=request.worker_id, host=request.host, device=request.device,
+            first_seen_at=now, last_seen_at=now,
+        ))
+        logger.info("worker %s on %s (%s) seen for the first time",
+                    request.worker_id, request.host, request.device)
+    else:
+        worker.host, worker.device, worker.last_seen_at = request.host, request.device, now
+
+
+def _worker(session: Session, worker_id: str) -> Worker:
+    session.flush()
+    worker = session.get(Worker, worker_id)
+    assert worker is not None  # _touch_worker created it in this transaction
+    return worker
+
+
+def _assignment(trial: Trial, settings: ServerSettings) -> protocol.TrialAssignment:
+    spec = _spec(trial.study)
+    return protocol.TrialAssignment(
+        trial_id=trial.id, lease_id=trial.lease_id or "", study_name=trial.study.name,
+        number=trial.number, attempt=trial.attempts, params=CyclicParams(**trial.params),
+        task=spec.task, objective=spec.objective, lease_s=settings.lease_s,
+        heartbeat_s=settings.heartbeat_s,
+    )
+
+
+def _study_by_name(session: Session, name: str, lock: bool = False) -> Study:
+    query = select(Study).where(Study.name == name)
+    if lock:
+        query = query.with_for_update()
+    study = session.scalar(query)
+    if study is None:
+        raise NotFound(f"no study named {name!r}; `clrsearch status` lists the studies")
+    return study
+
+
+def _spec(study: Study) -> StudySpec:
+    return StudySpec.model_validate(study.spec)
+
+
+def _pruner_name(spec: StudySpec) -> str:
+    pruner = spec.pruner
+    return f"{pruner if isinstance(pruner, str) else pruner.name} pruner"
+
+
+def _counts_by_study(session: Session, study_ids: Sequence[int]) -> dict[int, TrialCounts]:
+    if not study_ids:
+        return {}
+    rows = session.execute(
+        select(Trial.study_id, Trial.state, func.count())
+        .where(Trial.study_id.in_(study_ids))
+        .group_by(Trial.study_id, Trial.state)
+    ).all()
+    tallies: dict[int, Counter[str]] = {}
+    for study_id, state, count in rows:
+        tallies.setdefault(study_id, Counter())[state] = count
+    return {study_id: TrialCounts(**tally) for study_id, tally in tallies.items()}
+
+
+def _best_trial_row(session: Session, study: Study) -> Trial | None:
+    order = Trial.value.asc() if study.direction == "minimize" else Trial.value.desc()
+    return session.scalar(
+        select(Trial)
+        .where(Trial.study_id == study.id, Trial.state == models.COMPLETE)
+        .order_by(order, Trial.number)
+        .limit(1)
+    )
+
+
+def _best_values(session: Session, studies: Sequence[Study]) -> dict[int, float]:
+    best: dict[int, float] = {}
+    for direction, aggregate in (("minimize", func.min), ("maximize", func.max)):
+        ids = [study.id for study in studies if study.direction == direction]
+        if not ids:
+            continue
+        rows = session.execute(
+            select(Trial.study_id, aggregate(Trial.value))
+            .where(Trial.study_id.in_(ids), Trial.state == models.COMPLETE)
+            .group_by(Trial.study_id)
+        ).all()
+        best.update({study_id: value for study_id, value in rows if value is not None})
+    return best
+
+
+def _study_summary(study: Study, counts: TrialCounts, best: float | None) -> StudySummary:
+    spec = study.spec
+    pruner = spec["pruner"]
+    return StudySummary(
+        id=study.id, name=study.name, state=study.state, stop_reason=study.stop_reason,
+        objective=spec["objective"], direction=study.direction, sampler=spec["sampler"],
+        pruner=pruner if isinstance(pruner, str) else pruner["name"],
+        n_trials=study.n_trials, parallelism=study.parallelism, counts=counts,
+        best_value=best, created_at=study.created_at, updated_at=study.updated_at,
+    )
+
+
+def _study_detail(session: Session, study: Study) -> StudyDetail:
+    session.flush()
+    counts = _counts_by_study(session, [study.id]).get(study.id, TrialCounts())
+    best = _best_trial_row(session, study)
+    summary = _study_summary(study, counts, best.value if best else None)
+    return StudyDetail(
+        **summary.model_dump(), spec=study.spec,
+        best_trial=_trial_summary(best) if best else None,
+    )
+
+
+def _trial_summary(trial: Trial) -> TrialSummary:
+    return TrialSummary.model_validate(trial, from_attributes=True)

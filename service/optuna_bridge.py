@@ -1,0 +1,208 @@
+"""Optuna, in one place: storage, samplers, pruners, ask, report, tell.
+
+Optuna's tables live apart from ours, because Optuna 5 uses generic table names and its
+own `alembic_version`: on PostgreSQL in the schema `optuna` of the same database, on
+SQLite in a second file beside ours (`clrsearch.db` -> `clrsearch-optuna.db`).
+
+One `optuna.Study` object is kept per study for the life of the process: its cached
+storage holds finished trials in memory, which makes ask and report several times
+cheaper than loading the study for each request (DESIGN.md, "Facts about Optuna 5").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from sqlalchemy import create_engine, text
+
+from clrsearch.spec import CyclicParams, CyclicSpace, FloatRange, StudySpec, searched_params
+from service.settings import normalise_database_url
+
+logger = logging.getLogger(__name__)
+
+OPTUNA_SCHEMA = "optuna"
+
+
+def optuna_storage_location(database_url: str) -> tuple[str, dict[str, Any]]:
+    """Optuna's storage URL and engine arguments for our database URL."""
+    url = normalise_database_url(database_url)
+    if url.startswith("sqlite"):
+        if url in ("sqlite://", "sqlite:///:memory:"):
+            raise ValueError(
+                "an in-memory SQLite database cannot be shared with Optuna; "
+                "give CLRSEARCH_DATABASE_URL a file, e.g. sqlite:///clrsearch.db"
+            )
+        stem, dot, suffix = url.rpartition(".")
+        optuna_url = f"{stem}-optuna.{suffix}" if dot and "/" not in suffix else url + "-optuna"
+        return optuna_url, {"connect_args": {"timeout": 30}}
+    return url, {
+        "connect_args": {"options": f"-csearch_path={OPTUNA_SCHEMA}"},
+        "pool_pre_ping": True,
+    }
+
+
+def prepare_optuna_storage(database_url: str) -> None:
+    """Create Optuna's schema (PostgreSQL) and let Optuna create or check its tables."""
+    url, engine_kwargs = optuna_storage_location(database_url)
+    if not url.startswith("sqlite"):
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {OPTUNA_SCHEMA}"))
+        engine.dispose()
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    storage.remove_session()
+    storage.engine.dispose()
+
+
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    seed = spec.sampler_seed
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if spec.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    if spec.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+    if isinstance(spec.space.mode, list) and "gamma" in searched_params(spec.space):
+        # gamma exists only in exp_range trials; group=True lets multivariate TPE model it
+        # in its own group instead of sampling it independently. Optuna marks `group`
+        # experimental; it has been stable since Optuna 2.8.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, group=True)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    pruner = spec.pruner
+    assert not isinstance(pruner, str)  # the spec's validator expands the shorthand
+    epochs = spec.task.epochs
+    if pruner.name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=pruner.n_startup_trials, n_warmup_steps=pruner.n_warmup_steps
+        )
+    if pruner.name == "percentile":
+        return optuna.pruners.PercentilePruner(
+            pruner.percentile,
+            n_startup_trials=pruner.n_startup_trials,
+            n_warmup_steps=pruner.n_warmup_steps,
+        )
+    if pruner.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=epochs, reduction_factor=pruner.reduction_factor
+        )
+    if pruner.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=1, reduction_factor=pruner.reduction_factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+def suggest_params(trial: optuna.Trial, space: CyclicSpace) -> CyclicParams:
+    """Turn the space into one trial's concrete settings, asking Optuna for searched ones."""
+
+    def number(name: str, value: float | FloatRange | None) -> float | None:
+        if isinstance(value, FloatRange):
+            return trial.suggest_float(name, value.low, value.high, log=value.log)
+        return value
+
+    def choice(name: str, value: Any) -> Any:
+        if isinstance(value, list):
+            return trial.suggest_categorical(name, value) if len(value) > 1 else value[0]
+        return value
+
+    max_lr = number("max_lr", space.max_lr)
+    if space.lr_ratio is not None:
+        base_lr = max_lr / number("lr_ratio", space.lr_ratio)
+    else:
+        base_lr = number("base_lr", space.base_lr)
+    mode = choice("mode", space.mode)
+    # gamma only shapes exp_range, so it is searched only for those trials.
+    gamma = number("gamma", space.gamma) if mode == "exp_range" else 1.0
+    return CyclicParams(
+        base_lr=base_lr,
+        max_lr=max_lr,
+        step_size_up=number("step_size_up", space.step_size_up),
+        step_size_down=number("step_size_down", space.step_size_down),
+        step_size_unit=space.step_size_unit,
+        mode=mode,
+        gamma=gamma,
+        scale_mode=choice("scale_mode", space.scale_mode),
+        cycle_momentum=choice("cycle_momentum", space.cycle_momentum),
+        base_momentum=number("base_momentum", space.base_momentum),
+        max_momentum=number("max_momentum", space.max_momentum),
+    )
+
+
+class OptunaBridge:
+    """The server's only door to Optuna. Thread-safe; one per server process."""
+
+    def __init__(self, database_url: str) -> None:
+        url, engine_kwargs = optuna_storage_location(database_url)
+        self._storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        self._studies: dict[str, optuna.Study] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._storage.remove_session()
+        self._storage.engine.dispose()
+
+    def create_study(self, spec: StudySpec) -> None:
+        direction = "minimize" if spec.objective == "val_loss" else "maximize"
+        study = optuna.create_study(
+            storage=self._storage,
+            study_name=spec.name,
+            direction=direction,
+            sampler=make_sampler(spec),
+            pruner=make_pruner(spec),
+        )
+        for params in spec.enqueue:
+            study.enqueue_trial(params, skip_if_exists=True)
+        with self._lock:
+            self._studies[spec.name] = study
+
+    def _study(self, spec: StudySpec) -> optuna.Study:
+        with self._lock:
+            study = self._studies.get(spec.name)
+            if study is None:
+                study = optuna.load_study(
+                    study_name=spec.name,
+                    storage=self._storage,
+                    sampler=make_sampler(spec),
+                    pruner=make_pruner(spec),
+                )
+                self._studies[spec.name] = study
+            return study
+
+    def ask(self, spec: StudySpec) -> tuple[int, int, CyclicParams]:
+        """A new trial: (Optuna trial id, trial number, its settings)."""
+        study = self._study(spec)
+        trial = study.ask()
+        try:
+            params = suggest_params(trial, spec.space)
+        except Exception:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        return trial._trial_id, trial.number, params
+
+    def report(self, spec: StudySpec, optuna_trial_id: int, epoch: int, value: float) -> bool:
+        """Record one epoch's objective; True when the pruner says stop this trial."""
+        trial = optuna.trial.Trial(self._study(spec), optuna_trial_id)
+        trial.report(value, epoch)
+        # should_prune() may return numpy.bool_, which JSON and pydantic dislike.
+        return bool(trial.should_prune())
+
+    def tell(self, spec: StudySpec, number: int, state: str, value: float | None = None) -> None:
+        study = self._study(spec)
+        if state == "complete":
+            study.tell(number, value, skip_if_finished=True)
+        elif state == "pruned":
+            study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
+        else:
+            study.tell(number, state=TrialState.FAIL, skip_if_finished=True)

@@ -1,0 +1,94 @@
+"""Response bodies of the REST API (the worker protocol's live in `clrsearch.protocol`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class TrialCounts(BaseModel):
+    queued: int = 0
+    running: int = 0
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    stopped: int = 0
+
+
+class TrialSummary(BaseModel):
+    id: int
+    number: int
+    state: str
+    value: float | None
+    params: dict[str, Any]
+    attempts: int
+    epochs_run: int
+    worker_id: str | None
+    error: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class StudySummary(BaseModel):
+    id: int
+    name: str
+    state: str
+    stop_reason: str | None
+    objective: str
+    direction: str
+    sampler: str
+    pruner: str
+    n_trials: int
+    parallelism: int
+    counts: TrialCounts
+    best_value: float | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class StudyDetail(StudySummary):
+    spec: dict[str, Any]
+    best_trial: TrialSummary | None
+
+
+class EpochView(BaseModel):
+    epoch: int
+    iterations: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    duration_s: float
+    decision: str
+
+
+class LrTrace(BaseModel):
+    """The LR and momentum at each optimizer step, as run; thinned when long."""
+
+    total_steps: int
+    iterations: list[int]
+    lr: list[float]
+    momentum: list[float]
+
+
+class TrialDetail(TrialSummary):
+    study_name: str
+    epochs: list[EpochView]
+    lr_trace: LrTrace
+
+
+class TrialPage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    trials: list[TrialSummary]
+
+
+class WorkerView(BaseModel):
+    id: str
+    host: str
+    device: str
+    last_seen_at: dt.datetime
+    trial_id: int | None

@@ -1,0 +1,1 @@
+"""The clrsearch worker: pulls trials from the server, trains them and reports back."""

@@ -63,6 +63,7 @@ class EpochReport(_Wire):
 
     lease_id: str
     epoch: int = Field(ge=1)
+    # Optimizer steps done since the trial started, at the end of this epoch.
     iterations: int = Field(ge=0)
     train_loss: float
     val_loss: float

@@ -179,10 +179,18 @@ class CyclicSpace(_Strict):
 
 
 class OptimizerSpec(_Strict):
+    """The optimizer. For AdamW, `momentum` is beta1 (the value CyclicLR cycles)."""
+
     name: OptimizerName = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = False
+
+    @model_validator(mode="after")
+    def _check_nesterov(self) -> OptimizerSpec:
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs the sgd optimizer with a momentum above 0")
+        return self
 
 
 class TaskSpec(_Strict):
@@ -326,6 +334,11 @@ class CyclicParams(_Strict):
         if self.max_lr <= self.base_lr:
             raise ValueError(
                 f"max_lr must be above base_lr, got base_lr={self.base_lr}, max_lr={self.max_lr}"
+            )
+        if self.base_momentum > self.max_momentum:
+            raise ValueError(
+                f"base_momentum must not exceed max_momentum, got {self.base_momentum} > "
+                f"{self.max_momentum}"
             )
         return self
 

@@ -23,7 +23,7 @@ import torch
 
 from clrsearch import protocol
 from worker.client import LeaseLost, ServerError, WorkerClient
-from worker.data import DatasetCache
+from worker.data import DatasetCache, DatasetUnavailable
 from worker.settings import WorkerSettings
 from worker.training import EpochResult, train_trial
 
@@ -124,8 +124,10 @@ class Worker:
             finished.set()
             if lease_lost.is_set():
                 return
+            # Missing data may be present on another worker; a training error is not.
+            retryable = isinstance(error, DatasetUnavailable)
             logger.error("%s failed on worker %s: %s", label, self.settings.worker_id, error)
-            self._send_fail(trial, traceback.format_exc(), retryable=False)
+            self._send_fail(trial, traceback.format_exc(), retryable=retryable)
             return
         finished.set()
         self.trials_run += 1

@@ -1,0 +1,248 @@
+"""The training loop: the schedule it applies, its answers to the server, its results."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import CyclicLR
+
+from clrsearch.protocol import EpochReport
+from clrsearch.spec import CyclicParams, OptimizerSpec, TaskSpec
+from worker.data import DatasetCache, PreparedData
+from worker.training import EpochResult, TrainingDiverged, train_trial
+
+CPU = torch.device("cpu")
+GAMMA = 0.9
+
+
+def tiny_data(train: int = 40, val: int = 10, seed: int = 0) -> PreparedData:
+    """Three separable classes of 1 x 8 x 8 images."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(train + val) % 3
+    images = torch.randn(train + val, 1, 8, 8, generator=generator) * 0.5
+    images[:, 0, 0, :] += labels[:, None].float()
+    return PreparedData(
+        train_x=images[:train],
+        train_y=labels[:train],
+        val_x=images[train:],
+        val_y=labels[train:],
+        in_channels=1,
+        image_size=8,
+        num_classes=3,
+    )
+
+
+def tiny_task(**changes) -> TaskSpec:
+    return TaskSpec(**{"model": "mlp", "epochs": 2, "batch_size": 8, **changes})
+
+
+PARAMS = CyclicParams(base_lr=0.01, max_lr=0.1, step_size_up=1, step_size_unit="epochs")
+
+
+def run(params=PARAMS, task=None, data=None, objective="val_loss", answers=None, **kwargs):
+    """train_trial with every epoch answered from `answers` (default: continue)."""
+    answers = list(answers or [])
+    reported: list[EpochResult] = []
+
+    def on_epoch(result: EpochResult) -> str:
+        reported.append(result)
+        return answers.pop(0) if answers else "continue"
+
+    outcome = train_trial(
+        params, task or tiny_task(), objective, data or tiny_data(), CPU, on_epoch, **kwargs
+    )
+    return outcome, reported
+
+
+def torch_reference(optimizer_name, steps, **cyclic_kwargs):
+    """LR and momentum of each step from a plain loop around torch's CyclicLR."""
+    weight = torch.nn.Parameter(torch.zeros(2))
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD([weight], lr=1.0, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW([weight], lr=1.0)
+    scheduler = CyclicLR(optimizer, **cyclic_kwargs)
+    lrs, momentums = [], []
+    for _ in range(steps):
+        group = optimizer.param_groups[0]
+        lrs.append(group["lr"])
+        momentums.append(group["momentum"] if optimizer_name == "sgd" else group["betas"][0])
+        weight.grad = torch.ones_like(weight)
+        optimizer.step()
+        scheduler.step()
+    return lrs, momentums
+
+
+# The loop's batches per epoch are ceil(40 / 8) = 5, so the epoch step sizes below are
+# 7 steps up and 3 down; the iteration step sizes are taken as they are.
+STEP_SIZES = {"epochs": ((1.4, 0.6), (7, 3)), "iterations": ((3, 5), (3, 5))}
+SCALE_FUNCTIONS = {
+    "triangular": lambda x: 1.0,
+    "triangular2": lambda x: 1 / (2.0 ** (x - 1)),
+    "exp_range": lambda x: GAMMA**x,
+}
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("unit", ["epochs", "iterations"])
+@pytest.mark.parametrize("cycle_momentum", [True, False])
+@pytest.mark.parametrize("scale_mode", [None, "cycle", "iterations"])
+@pytest.mark.parametrize("mode", ["triangular", "triangular2", "exp_range"])
+def test_applied_lr_matches_torch_cyclic_lr_for_every_mode(
+    mode, scale_mode, cycle_momentum, unit, optimizer_name
+):
+    (up, down), (up_steps, down_steps) = STEP_SIZES[unit]
+    params = CyclicParams(
+        base_lr=0.01,
+        max_lr=0.05,
+        step_size_up=up,
+        step_size_down=down,
+        step_size_unit=unit,
+        mode=mode,
+        gamma=GAMMA,
+        scale_mode=scale_mode,
+        cycle_momentum=cycle_momentum,
+    )
+    task = tiny_task(epochs=4, optimizer=OptimizerSpec(name=optimizer_name))
+    custom = {}
+    if scale_mode is not None:
+        custom = {"scale_fn": SCALE_FUNCTIONS[mode], "scale_mode": scale_mode}
+    expected_lrs, expected_momentums = torch_reference(
+        optimizer_name,
+        20,
+        base_lr=0.01,
+        max_lr=0.05,
+        step_size_up=up_steps,
+        step_size_down=down_steps,
+        mode=mode,
+        gamma=GAMMA,
+        cycle_momentum=cycle_momentum,
+        base_momentum=0.85,
+        max_momentum=0.95,
+        **custom,
+    )
+
+    outcome, _ = run(params, task)
+
+    assert [len(epoch.lrs) for epoch in outcome.epochs] == [5, 5, 5, 5]
+    assert [lr for epoch in outcome.epochs for lr in epoch.lrs] == expected_lrs
+    assert [m for epoch in outcome.epochs for m in epoch.momentums] == expected_momentums
+
+
+def test_last_partial_batch_is_a_step_and_iterations_accumulate():
+    outcome, _ = run(task=tiny_task(epochs=3), data=tiny_data(train=41))
+
+    assert [len(epoch.lrs) for epoch in outcome.epochs] == [6, 6, 6]
+    assert [epoch.iterations for epoch in outcome.epochs] == [6, 12, 18]
+
+
+def test_epoch_result_carries_every_field_of_the_epoch_report():
+    outcome, _ = run()
+
+    fields = {field.name for field in dataclasses.fields(EpochResult)}
+    assert fields == set(EpochReport.model_fields) - {"lease_id"}
+    EpochReport(lease_id="lease", **dataclasses.asdict(outcome.epochs[0]))
+
+
+def test_completed_trial_reports_every_epoch_and_the_last_objective():
+    outcome, reported = run(task=tiny_task(epochs=3), objective="val_accuracy")
+
+    assert (outcome.status, outcome.epochs_run) == ("complete", 3)
+    assert reported == outcome.epochs
+    assert [epoch.epoch for epoch in reported] == [1, 2, 3]
+    assert outcome.value == reported[-1].val_accuracy
+
+
+def test_prune_answer_ends_training_as_pruned():
+    outcome, reported = run(task=tiny_task(epochs=5), answers=["continue", "prune"])
+
+    assert (outcome.status, outcome.epochs_run, len(reported)) == ("pruned", 2, 2)
+    assert outcome.value == reported[-1].val_loss
+
+
+def test_stop_answer_ends_training_as_stopped():
+    outcome, reported = run(task=tiny_task(epochs=5), answers=["stop"])
+
+    assert (outcome.status, outcome.epochs_run, len(reported)) == ("stopped", 1, 1)
+    assert outcome.value == reported[0].val_loss
+
+
+def test_unknown_answer_is_an_error():
+    with pytest.raises(ValueError, match="'maybe'"):
+        run(answers=["maybe"])
+
+
+def test_stop_request_before_training_stops_with_no_value():
+    outcome, reported = run(should_stop=lambda: True)
+
+    assert (outcome.status, outcome.epochs_run, outcome.value) == ("stopped", 0, None)
+    assert reported == []
+
+
+def test_stop_request_is_heard_within_an_epoch():
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(len(calls))
+        return len(calls) == 2  # asked at step 0, then again 50 steps later
+
+    # 60 single-sample batches: one epoch is 60 steps.
+    outcome, reported = run(
+        task=tiny_task(batch_size=1), data=tiny_data(train=60), should_stop=should_stop
+    )
+
+    assert (outcome.status, outcome.epochs_run) == ("stopped", 0)
+    assert reported == []
+    assert len(calls) == 2
+
+
+def test_stop_request_is_heard_at_the_end_of_an_epoch():
+    reported: list[EpochResult] = []
+
+    def on_epoch(result: EpochResult) -> str:
+        reported.append(result)
+        return "continue"
+
+    outcome = train_trial(
+        PARAMS, tiny_task(epochs=4), "val_loss", tiny_data(), CPU, on_epoch, lambda: bool(reported)
+    )
+
+    assert (outcome.status, outcome.epochs_run) == ("stopped", 1)
+
+
+def test_nan_loss_raises_training_diverged_naming_epoch_step_and_lr():
+    data = tiny_data()
+    data.train_x[:] = float("nan")
+
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1 of 5 .*lr 0\.01\b"):
+        run(data=data)
+
+
+def test_same_seed_twice_gives_identical_epochs():
+    task = TaskSpec(model="cnn", epochs=2, batch_size=16, optimizer=OptimizerSpec(name="adamw"))
+    params = CyclicParams(base_lr=0.001, max_lr=0.01, step_size_up=1)
+
+    first, _ = run(params, task)
+    second, _ = run(params, task)
+    other_seed, _ = run(params, task.model_copy(update={"seed": 1}))
+
+    def timeless(outcome):
+        return [dataclasses.replace(epoch, duration_s=0.0) for epoch in outcome.epochs]
+
+    assert timeless(first) == timeless(second)
+    assert timeless(first) != timeless(other_seed)
+
+
+def test_training_on_digits_learns(tmp_path: Path):
+    task = TaskSpec(epochs=2)
+    data = DatasetCache(tmp_path).get(task)
+    params = CyclicParams(base_lr=0.01, max_lr=0.1, step_size_up=1)
+
+    outcome, _ = run(params, task, data)
+
+    first, last = outcome.epochs
+    assert last.val_loss < first.val_loss
+    assert last.val_accuracy > 0.5

@@ -1,0 +1,251 @@
+"""The training loop of one trial. It knows nothing of HTTP.
+
+`train_trial` is handed the trial's parameters and task, the prepared data and two
+callables: `on_epoch` reports an epoch and returns the server's answer (`continue`,
+`prune` or `stop`), and `should_stop` says whether the worker has been asked to quit.
+The same loop serves the worker, the benchmarks and the tests.
+
+The LR of every step is torch's `CyclicLR` value for that step: the scheduler is
+stepped once after every optimizer step, including the last, partial batch of an
+epoch, and the LR and momentum recorded for a step are the ones that step applied.
+
+Errors: `TrainingDiverged` (a `ValueError`) when a loss turns NaN or infinite; a
+retry with the same parameters would diverge again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clrsearch.spec import CyclicParams, TaskSpec
+from worker.data import PreparedData
+from worker.models import build_model
+from worker.schedule import build_optimizer, build_scheduler, momentum_of
+
+logger = logging.getLogger(__name__)
+
+# How often, in optimizer steps, to ask should_stop and to check the loss for NaN. The
+# check costs a host sync on an accelerator, so it is not done every step.
+CHECK_EVERY_STEPS = 50
+# Validation needs no gradients, so it can take much larger batches than training.
+MIN_EVAL_BATCH_SIZE = 1024
+
+OBJECTIVES = ("val_loss", "val_accuracy")
+ANSWERS = ("continue", "prune", "stop")
+
+
+class TrainingDiverged(ValueError):
+    """A loss became NaN or infinite; the message names the epoch, the step and the LR."""
+
+
+@dataclass
+class EpochResult:
+    """One epoch's results: `clrsearch.protocol.EpochReport` without the lease."""
+
+    epoch: int
+    # Optimizer steps since the start of the trial, at the end of this epoch.
+    iterations: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    duration_s: float
+    # The LR and momentum (beta1 for AdamW) applied at each optimizer step of this epoch.
+    lrs: list[float]
+    momentums: list[float]
+
+
+@dataclass
+class TrialOutcome:
+    status: Literal["complete", "pruned", "stopped"]
+    # The objective at the last epoch run; None when stopped before the first epoch ended.
+    value: float | None
+    epochs_run: int
+    epochs: list[EpochResult]
+
+
+def batches_per_epoch(train_count: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: nothing is dropped, a last partial batch is a step."""
+    return math.ceil(train_count / batch_size)
+
+
+def batch_bounds(train_count: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each batch. A last batch of one sample is evened out with the one
+    before it, because BatchNorm cannot train on a single sample (resnet, mobilenet)."""
+    sizes = [batch_size] * batches_per_epoch(train_count, batch_size)
+    sizes[-1] = train_count - (len(sizes) - 1) * batch_size
+    if sizes[-1] == 1 and len(sizes) > 1:
+        pair = sizes[-2] + 1
+        sizes[-2], sizes[-1] = pair - pair // 2, pair // 2
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def train_trial(
+    params: CyclicParams,
+    task: TaskSpec,
+    objective: str,
+    data: PreparedData,
+    device: torch.device,
+    on_epoch: Callable[[EpochResult], str],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> TrialOutcome:
+    """Train `task.model` on `data` under the trial's CyclicLR and report every epoch.
+
+    Deterministic on the CPU: the same arguments give the same results.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+
+    # Build model, optimizer and schedule
+    torch.manual_seed(task.seed)
+    data = data.to(device)
+    model = build_model(task.model, data.in_channels, data.image_size, data.num_classes)
+    model = model.to(device)
+    optimizer = build_optimizer(model.parameters(), task.optimizer, lr=params.base_lr)
+    train_count = len(data.train_y)
+    steps = batches_per_epoch(train_count, task.batch_size)
+    scheduler = build_scheduler(optimizer, params, steps)
+    # A generator of its own, so that shuffling does not depend on what else draws
+    # random numbers (dropout, model initialisation).
+    shuffle = torch.Generator().manual_seed(task.seed)
+    bounds = batch_bounds(train_count, task.batch_size)
+    batch_sizes = torch.tensor([end - start for start, end in bounds], dtype=torch.float32,
+                               device=device)
+    eval_batch_size = max(task.batch_size, MIN_EVAL_BATCH_SIZE)
+
+    epochs: list[EpochResult] = []
+    iteration = 0
+    for epoch in range(1, task.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(train_count, generator=shuffle).to(device)
+        # Losses stay on the device until the epoch ends: reading one per step would
+        # force a host sync per step.
+        step_losses = torch.empty(steps, device=device)
+        lrs: list[float] = []
+        momentums: list[float] = []
+
+        for step in range(steps):
+            # Stop when asked, and give up early on a diverged run
+            if iteration % CHECK_EVERY_STEPS == 0:
+                if should_stop():
+                    logger.info("training stopped on request at epoch %d, step %d", epoch, step)
+                    return _outcome("stopped", epochs, objective)
+                if step > 0:
+                    _check_finite(step_losses[:step], epoch, steps, iteration - step, lrs)
+
+            # Record the LR and momentum this step applies (Python floats: no sync)
+            lrs.append(float(optimizer.param_groups[0]["lr"]))
+            momentums.append(momentum_of(optimizer))
+
+            # Forward and backward
+            start, end = bounds[step]
+            index = order[start:end]
+            loss = F.cross_entropy(model(data.train_x[index]), data.train_y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+
+            # Step the optimizer, then the schedule: CyclicLR counts optimizer steps
+            optimizer.step()
+            scheduler.step()
+            step_losses[step] = loss.detach()
+            iteration += 1
+
+        # Training loss of the epoch (host sync)
+        _check_finite(step_losses, epoch, steps, iteration - steps, lrs)
+        train_loss = float((step_losses * batch_sizes).sum().item()) / train_count
+
+        # Evaluate (host sync)
+        val_loss, val_accuracy = _evaluate(model, data.val_x, data.val_y, eval_batch_size)
+        if not math.isfinite(val_loss):
+            raise TrainingDiverged(
+                f"validation loss is {val_loss} after epoch {epoch} (training loss "
+                f"{train_loss:.4g}, last lr {lrs[-1]:.6g}); the LR may be too high, try a lower "
+                "max_lr"
+            )
+        result = EpochResult(
+            epoch=epoch,
+            iterations=iteration,
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_accuracy=val_accuracy,
+            duration_s=time.perf_counter() - started,
+            lrs=lrs,
+            momentums=momentums,
+        )
+        epochs.append(result)
+        logger.debug(
+            "epoch %d: train_loss %.4f, val_loss %.4f, val_accuracy %.4f, %.2f s",
+            epoch,
+            train_loss,
+            val_loss,
+            val_accuracy,
+            result.duration_s,
+        )
+
+        # Report, and follow the answer
+        answer = on_epoch(result)
+        if answer == "prune":
+            return _outcome("pruned", epochs, objective)
+        if answer == "stop":
+            return _outcome("stopped", epochs, objective)
+        if answer != "continue":
+            raise ValueError(f"on_epoch answered {answer!r}; expected one of {', '.join(ANSWERS)}")
+        if epoch < task.epochs and should_stop():
+            logger.info("training stopped on request after epoch %d", epoch)
+            return _outcome("stopped", epochs, objective)
+
+    return _outcome("complete", epochs, objective)
+
+
+def _check_finite(
+    step_losses: torch.Tensor, epoch: int, steps: int, first_iteration: int, lrs: list[float]
+) -> None:
+    """Raise `TrainingDiverged` at the first non-finite loss of this epoch (host sync)."""
+    finite = torch.isfinite(step_losses)
+    if bool(finite.all()):
+        return
+    step = int((~finite).nonzero()[0, 0])
+    loss = float(step_losses[step])
+    raise TrainingDiverged(
+        f"training diverged at epoch {epoch}, step {step + 1} of {steps} (iteration "
+        f"{first_iteration + step + 1}): the training loss is {loss} at lr {lrs[step]:.6g}; "
+        "the LR may be too high, try a lower max_lr"
+    )
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over the validation set."""
+    model.eval()
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device)
+    for start in range(0, len(labels), batch_size):
+        logits = model(images[start : start + batch_size])
+        target = labels[start : start + batch_size]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum")
+        correct += (logits.argmax(dim=1) == target).sum()
+    # One transfer for both numbers.
+    loss_total, correct_total = torch.stack([loss_sum, correct]).tolist()
+    return loss_total / len(labels), correct_total / len(labels)
+
+
+def _outcome(
+    status: Literal["complete", "pruned", "stopped"], epochs: list[EpochResult], objective: str
+) -> TrialOutcome:
+    value = getattr(epochs[-1], objective) if epochs else None
+    return TrialOutcome(status=status, value=value, epochs_run=len(epochs), epochs=epochs)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clrsearch.spec import CyclicParams, Objective, TaskSpec
 
 Action = Literal["continue", "prune", "stop"]
+# Names travel into logs and database columns: no control characters in them.
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
 
 class _Wire(BaseModel):
@@ -31,9 +33,9 @@ class _Wire(BaseModel):
 
 
 class ClaimRequest(_Wire):
-    worker_id: str = Field(min_length=1, max_length=200)
-    host: str = Field("", max_length=200)
-    device: str = Field("cpu", max_length=200)
+    worker_id: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
+    host: str = Field("", max_length=200, pattern=NAME_PATTERN)
+    device: str = Field("cpu", max_length=200, pattern=NAME_PATTERN)
 
 
 class TrialAssignment(_Wire):
@@ -89,6 +91,12 @@ class CompleteRequest(_Wire):
 class FailRequest(_Wire):
     lease_id: str
     error: str = Field(max_length=20000)
+
+    @field_validator("error")
+    @classmethod
+    def _drop_nul(cls, value: str) -> str:
+        # A NUL byte cannot be stored in PostgreSQL text; it carries nothing for a reader.
+        return value.replace("\x00", "")
     # True for losses that a retry on another worker may fix (the worker was asked to
     # shut down, the device vanished); False for errors in training itself.
     retryable: bool = False

@@ -244,7 +244,10 @@ class StudySpec(_Strict):
     pruner: PrunerSpec | PrunerName = PrunerSpec()
     n_trials: int = Field(20, ge=1, le=100000)
     parallelism: int = Field(2, ge=1, le=1024)
+    # Re-runs of a trial lost to infrastructure (lapsed lease, worker shut down).
     max_retries: int = Field(2, ge=0, le=100)
+    # More failed trials than this (errors in training, or retries used up) stop the study.
+    max_failed_trials: int = Field(5, ge=0, le=100000)
     enqueue: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
     sampler_seed: int | None = None
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Iterator
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -27,7 +27,9 @@ from service.schemas import (
 )
 from service.settings import ServerSettings
 
-T = TypeVar("T")
+# Ids and numbers live in 32-bit integer columns; larger ones cannot name anything.
+RowId = Annotated[int, Path(ge=0, le=2**31 - 1)]
+StudyName = Annotated[str, Path(min_length=1, max_length=100)]
 Role = Literal["read", "admin", "worker"]
 TrialState = Literal["queued", "running", "complete", "pruned", "failed", "stopped"]
 
@@ -105,21 +107,21 @@ def list_studies(session: SessionDep) -> list[StudySummary]:
 
 
 @studies.get("/studies/{name}", dependencies=[Depends(require("read"))])
-def get_study(name: str, session: SessionDep) -> StudyDetail:
+def get_study(name: StudyName, session: SessionDep) -> StudyDetail:
     return domain.get_study(session, name)
 
 
 @studies.post("/studies/{name}/stop", dependencies=[Depends(require("admin"))])
-def stop_study(name: str, session: SessionDep, bridge: BridgeDep) -> StudyDetail:
+def stop_study(name: StudyName, session: SessionDep, bridge: BridgeDep) -> StudyDetail:
     """Stop a study: queued trials end now, running ones at their next call."""
     return domain.stop_study(session, bridge, name)
 
 
 @studies.get("/studies/{name}/trials", dependencies=[Depends(require("read"))])
 def list_trials(
-    name: str,
+    name: StudyName,
     session: SessionDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     state: TrialState | None = None,
 ) -> TrialPage:
@@ -127,14 +129,14 @@ def list_trials(
 
 
 @studies.get("/studies/{name}/best", dependencies=[Depends(require("read"))])
-def best_trial(name: str, session: SessionDep) -> TrialSummary:
+def best_trial(name: StudyName, session: SessionDep) -> TrialSummary:
     return domain.best_trial(session, name)
 
 
 @studies.get("/studies/{name}/trials/{number}", dependencies=[Depends(require("read"))])
 def get_trial(
-    name: str,
-    number: int,
+    name: StudyName,
+    number: RowId,
     session: SessionDep,
     max_points: Annotated[int, Query(ge=2, le=100_000)] = domain.DEFAULT_TRACE_POINTS,
 ) -> TrialDetail:
@@ -157,7 +159,7 @@ def claim(
 
 @workers.post("/trials/{trial_id}/heartbeat")
 def heartbeat(
-    trial_id: int, body: protocol.HeartbeatRequest, session: SessionDep,
+    trial_id: RowId, body: protocol.HeartbeatRequest, session: SessionDep,
     settings: SettingsDep,
 ) -> protocol.Decision:
     return domain.heartbeat(session, settings, trial_id, body)
@@ -165,7 +167,7 @@ def heartbeat(
 
 @workers.post("/trials/{trial_id}/report")
 def report(
-    trial_id: int, body: protocol.EpochReport, session: SessionDep, bridge: BridgeDep,
+    trial_id: RowId, body: protocol.EpochReport, session: SessionDep, bridge: BridgeDep,
     settings: SettingsDep,
 ) -> protocol.Decision:
     return domain.report(session, bridge, settings, trial_id, body)
@@ -173,13 +175,13 @@ def report(
 
 @workers.post("/trials/{trial_id}/complete")
 def complete(
-    trial_id: int, body: protocol.CompleteRequest, session: SessionDep, bridge: BridgeDep
+    trial_id: RowId, body: protocol.CompleteRequest, session: SessionDep, bridge: BridgeDep
 ) -> protocol.Ack:
     return domain.complete(session, bridge, trial_id, body)
 
 
 @workers.post("/trials/{trial_id}/fail")
 def fail(
-    trial_id: int, body: protocol.FailRequest, session: SessionDep, bridge: BridgeDep
+    trial_id: RowId, body: protocol.FailRequest, session: SessionDep, bridge: BridgeDep
 ) -> protocol.Ack:
     return domain.fail(session, bridge, trial_id, body)

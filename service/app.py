@@ -69,6 +69,11 @@ def create_app(settings: ServerSettings | None = None, migrate: bool = True) -> 
     return app
 
 
+def app_from_environment() -> FastAPI:
+    """Factory for `uvicorn --factory` and multi-process serving: settings from the env."""
+    return create_app(ServerSettings())
+
+
 async def _sweep_forever(app: FastAPI, interval_s: float) -> None:
     """Return lapsed leases to the queue even when no worker is claiming."""
     while True:

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.errors import ClrsearchError
+from service.errors import ClrsearchError, InvalidRequest
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -71,6 +71,13 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
     try:
         yield session
         session.commit()
+    except DataError as error:
+        session.rollback()
+        # The database refused a value the schema let through (a NUL byte in a string,
+        # a number out of the column's range): the client's mistake, not ours.
+        raise InvalidRequest(
+            f"a value in the request cannot be stored: {str(error.orig).splitlines()[0]}"
+        ) from error
     except OperationalError as error:
         session.rollback()
         raise DatabaseUnavailable(

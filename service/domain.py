@@ -93,19 +93,25 @@ def stop_study(
 ) -> StudyDetail:
     study = _study_by_name(session, name, lock=True)
     if study.state == models.STUDY_RUNNING:
-        now = db_now(session)
-        study.state = models.STUDY_STOPPED
-        study.stop_reason = reason
-        study.updated_at = now
-        spec = _spec(study)
-        queued = session.scalars(
-            select(Trial).where(Trial.study_id == study.id, Trial.state == models.QUEUED)
-        ).all()
-        for trial in queued:
-            _finish(session, bridge, spec, trial, models.STOPPED, now, error=reason)
-        # Running trials hear of it at their next heartbeat or report and end as stopped.
-        logger.info("study %r stopped: %s", name, reason)
+        _stop(session, bridge, study, db_now(session), reason)
     return _study_detail(session, study)
+
+
+def _stop(
+    session: Session, bridge: OptunaBridge, study: Study, now: dt.datetime, reason: str
+) -> None:
+    study.state = models.STUDY_STOPPED
+    study.stop_reason = reason
+    study.updated_at = now
+    spec = _spec(study)
+    queued = session.scalars(
+        select(Trial).where(Trial.study_id == study.id, Trial.state == models.QUEUED)
+    ).all()
+    for trial in queued:
+        _finish(session, bridge, spec, trial, models.STOPPED, now, error=reason)
+    # Running trials hear of it at their next heartbeat or report and end as stopped.
+    log = logger.warning if "failed" in reason else logger.info
+    log("study %r stopped: %s", study.name, reason)
 
 
 def best_trial(session: Session, name: str) -> TrialSummary:
@@ -367,7 +373,9 @@ def _retry_or_fail(
     study = trial.study
     if study.state != models.STUDY_RUNNING:
         _finish(session, bridge, spec, trial, models.STOPPED, now, error=reason)
-    elif trial.attempts <= spec.max_retries:
+        return
+    trial.infra_losses += 1
+    if trial.infra_losses <= spec.max_retries:
         # Same Optuna trial, same parameters: the sampler sees one trial, not two.
         trial.state = models.QUEUED
         trial.worker_id = None
@@ -381,7 +389,8 @@ def _retry_or_fail(
     else:
         _finish(
             session, bridge, spec, trial, models.FAILED, now,
-            error=f"{reason}; gave up after {trial.attempts} attempts",
+            error=f"{reason}; gave up after {trial.infra_losses} infrastructure losses "
+                  f"(max_retries={spec.max_retries})",
         )
 
 
@@ -402,7 +411,22 @@ def _finish(
         trial.number, trial.study.name, state, trial.value,
         f": {error}" if error and state == models.FAILED else "",
     )
+    if state == models.FAILED:
+        _stop_if_failing(session, bridge, spec, trial.study, now, error or "")
     _complete_study_if_done(session, trial.study, now)
+
+
+def _stop_if_failing(
+    session: Session, bridge: OptunaBridge, spec: StudySpec, study: Study, now: dt.datetime,
+    last_error: str,
+) -> None:
+    session.flush()
+    failed = _counts_by_study(session, [study.id]).get(study.id, TrialCounts()).failed
+    if failed > spec.max_failed_trials and study.state == models.STUDY_RUNNING:
+        last_line = last_error.strip().splitlines()[-1] if last_error.strip() else "unknown"
+        _stop(session, bridge, study, now,
+              f"{failed} trials failed, more than max_failed_trials={spec.max_failed_trials}; "
+              f"last error: {last_line}")
 
 
 def _complete_study_if_done(session: Session, study: Study, now: dt.datetime) -> None:

@@ -206,3 +206,11 @@ class OptunaBridge:
             study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
         else:
             study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def importances(self, spec: StudySpec) -> dict[str, float]:
+        """Parameter importances by Optuna's default evaluator; empty until 2 trials end."""
+        study = self._study(spec)
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(finished) < 2:
+            return {}
+        return dict(optuna.importance.get_param_importances(study))

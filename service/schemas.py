@@ -20,10 +20,12 @@ class TrialCounts(BaseModel):
 class TrialSummary(BaseModel):
     id: int
     number: int
+    kind: str
     state: str
     value: float | None
     params: dict[str, Any]
     attempts: int
+    infra_losses: int
     epochs_run: int
     worker_id: str | None
     error: str | None

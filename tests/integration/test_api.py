@@ -244,7 +244,8 @@ def test_lapsed_lease_requeues_the_trial_with_the_same_parameters(database_url: 
     assert late.status_code == 409
     assert "not leased to this worker" in late.json()["detail"]
     assert final["state"] == "failed"
-    assert "gave up after 2 attempts" in final["error"]
+    assert final["infra_losses"] == 2
+    assert "gave up after 2 infrastructure losses (max_retries=1)" in final["error"]
 
 
 def test_retryable_failure_requeues_and_plain_failure_is_final(client: TestClient) -> None:
@@ -322,3 +323,55 @@ def test_healthz_and_openapi_docs_are_served(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert "/api/v1/studies" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_training_errors_beyond_max_failed_trials_stop_the_study_saying_why(
+    client: TestClient,
+) -> None:
+    submit(client, n_trials=10, parallelism=1, max_failed_trials=1)
+    for _ in range(2):
+        trial = claim(client)
+        client.post(f"{WORKER}/trials/{trial['trial_id']}/fail",
+                    json={"lease_id": trial["lease_id"], "error": "Traceback\nValueError: bad"})
+
+    study = client.get("/api/v1/studies/s").json()
+
+    assert study["state"] == "stopped"
+    assert "2 trials failed, more than max_failed_trials=1" in study["stop_reason"]
+    assert "ValueError: bad" in study["stop_reason"]
+    assert claim(client) is None
+
+
+def test_infrastructure_losses_are_counted_apart_from_training_errors(
+    client: TestClient,
+) -> None:
+    submit(client, n_trials=1, max_retries=3)
+    for _ in range(2):
+        trial = claim(client)
+        client.post(f"{WORKER}/trials/{trial['trial_id']}/fail",
+                    json={"lease_id": trial["lease_id"], "error": "SIGTERM", "retryable": True})
+    trial = claim(client)
+    complete(client, trial, 0.4)
+
+    final = client.get("/api/v1/studies/s/trials/0").json()
+
+    assert (final["state"], final["attempts"], final["infra_losses"]) == ("complete", 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("get", "/api/v1/studies/s/trials/99999999999", None),
+        ("post", f"{WORKER}/trials/99999999999/heartbeat", {"lease_id": "x"}),
+        ("post", f"{WORKER}/claim", {"worker_id": "nul\u0000byte"}),
+        ("get", "/api/v1/studies/s/trials", None),
+    ],
+)
+def test_values_the_database_cannot_hold_are_4xx_not_500(
+    client: TestClient, method: str, path: str, body: dict | None
+) -> None:
+    submit(client)
+    params = {"offset": 2**40} if path.endswith("/trials") else None
+    response = client.request(method.upper(), path, json=body, params=params)
+
+    assert 400 <= response.status_code < 500, response.text

@@ -222,11 +222,19 @@ class TaskSpec(_Strict):
 
 
 class PrunerSpec(_Strict):
+    """Optuna's pruner, optionally made cycle-aware.
+
+    `cycle_aware` compares trials only at epochs that end a whole cycle (where the LR is
+    back at its low point); by default it is on when the space searches step sizes,
+    because then trials at the same epoch sit at different points of their cycles.
+    """
+
     name: PrunerName = "median"
     n_startup_trials: int = Field(4, ge=0)
     n_warmup_steps: int = Field(1, ge=0)
     percentile: float = Field(50.0, gt=0, lt=100)
     reduction_factor: int = Field(3, ge=2)
+    cycle_aware: bool | None = None
 
 
 class StudySpec(_Strict):
@@ -265,6 +273,17 @@ class StudySpec(_Strict):
     @classmethod
     def _pruner_shorthand(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def cycle_aware_pruning(self) -> bool:
+        pruner = self.pruner
+        assert isinstance(pruner, PrunerSpec)  # the validator expands the shorthand
+        if pruner.name == "none":
+            return False
+        if pruner.cycle_aware is not None:
+            return pruner.cycle_aware
+        searched = searched_params(self.space)
+        return "step_size_up" in searched or "step_size_down" in searched
 
     @model_validator(mode="after")
     def _check_study(self) -> StudySpec:

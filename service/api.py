@@ -17,6 +17,7 @@ from service import domain
 from service.db import unit_of_work
 from service.errors import Unauthorized
 from service.optuna_bridge import OptunaBridge
+from service.preview import PreviewRequest, SchedulePreview, preview_schedule
 from service.schemas import (
     StudyDetail,
     StudySummary,
@@ -185,3 +186,10 @@ def fail(
     trial_id: RowId, body: protocol.FailRequest, session: SessionDep, bridge: BridgeDep
 ) -> protocol.Ack:
     return domain.fail(session, bridge, trial_id, body)
+
+
+@studies.post("/schedule/preview", dependencies=[Depends(require("read"))])
+def schedule_preview(body: PreviewRequest) -> SchedulePreview:
+    """The LR and momentum at each iteration for given CyclicLR parameters and task,
+    computed with torch's `CyclicLR` exactly as a worker would run it."""
+    return preview_schedule(body)

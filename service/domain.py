@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from clrsearch import protocol
+from clrsearch.cycles import cycle_length, is_cycle_end
 from clrsearch.spec import CyclicParams, StudySpec
 from service import models
 from service.db import db_now, is_sqlite
@@ -290,6 +291,9 @@ def report(
     value = body.val_loss if spec.objective == "val_loss" else body.val_accuracy
     if study.state != models.STUDY_RUNNING:
         action, reason = "stop", f"study is {study.state}"
+    elif spec.cycle_aware_pruning and not _ends_cycle(trial, body):
+        # Mid-cycle values are kept in our table but never shown to the pruner.
+        action, reason = "continue", ""
     elif bridge.report(spec, trial.optuna_trial_id, body.epoch, value):
         action, reason = "prune", f"pruned at epoch {body.epoch} by the {_pruner_name(spec)}"
     else:
@@ -364,6 +368,12 @@ def sweep_lapsed_leases(session: Session, bridge: OptunaBridge, now: dt.datetime
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _ends_cycle(trial: Trial, body: protocol.EpochReport) -> bool:
+    batches_per_epoch = max(1, body.iterations // body.epoch)
+    length = cycle_length(CyclicParams(**trial.params), batches_per_epoch)
+    return is_cycle_end(body.iterations - batches_per_epoch, body.iterations, length)
 
 
 def _retry_or_fail(

@@ -12,10 +12,12 @@ cheaper than loading the study for each request (DESIGN.md, "Facts about Optuna 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import warnings
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
@@ -79,10 +81,53 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed)
 
 
+class CycleEndPercentilePruner(optuna.pruners.BasePruner):
+    """Median or percentile pruning that compares trials only at the ends of cycles.
+
+    The server reports a cycle-aware trial's value to Optuna only at epochs that end a
+    cycle (`clrsearch.cycles`), so every intermediate value here sits at an LR trough.
+    Trials with different cycle lengths rarely share such an epoch, so a trial's latest
+    value is compared with each finished trial's latest value at or before that epoch,
+    rather than with values at exactly the same epoch as Optuna's own pruners do.
+    """
+
+    def __init__(self, percentile: float, n_startup_trials: int, n_warmup_steps: int) -> None:
+        self.percentile = percentile
+        self.n_startup_trials = n_startup_trials
+        self.n_warmup_steps = n_warmup_steps
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self.n_warmup_steps:
+            return False
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not finished or len(finished) < self.n_startup_trials:
+            return False
+        comparable = []
+        for other in finished:
+            earlier = [s for s in other.intermediate_values if s <= step]
+            if earlier:
+                comparable.append(other.intermediate_values[max(earlier)])
+        if not comparable:
+            return False
+        value = trial.intermediate_values[step]
+        if math.isnan(value):
+            return True
+        minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
+        cut = float(np.nanpercentile(comparable, self.percentile if minimize
+                                     else 100 - self.percentile))
+        return value > cut if minimize else value < cut
+
+
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     pruner = spec.pruner
     assert not isinstance(pruner, str)  # the spec's validator expands the shorthand
     epochs = spec.task.epochs
+    if spec.cycle_aware_pruning and pruner.name in ("median", "percentile"):
+        return CycleEndPercentilePruner(
+            50.0 if pruner.name == "median" else pruner.percentile,
+            n_startup_trials=pruner.n_startup_trials, n_warmup_steps=pruner.n_warmup_steps,
+        )
     if pruner.name == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=pruner.n_startup_trials, n_warmup_steps=pruner.n_warmup_steps

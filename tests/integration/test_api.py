@@ -190,7 +190,8 @@ def test_restarted_worker_gets_back_the_trial_it_held(client: TestClient) -> Non
 
 
 def test_median_pruner_prunes_a_trial_worse_than_the_others(client: TestClient) -> None:
-    pruner = {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0}
+    pruner = {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0,
+              "cycle_aware": False}
     submit(client, n_trials=3, parallelism=1, pruner=pruner)
     for value in (0.2, 0.3):
         trial = claim(client)
@@ -375,3 +376,24 @@ def test_values_the_database_cannot_hold_are_4xx_not_500(
     response = client.request(method.upper(), path, json=body, params=params)
 
     assert 400 <= response.status_code < 500, response.text
+
+
+def test_cycle_aware_pruner_judges_a_trial_only_at_the_end_of_a_cycle(
+    client: TestClient,
+) -> None:
+    # Cycles of 2 + 2 epochs of 10 iterations: epochs 4 and 8 end cycles.
+    space = {"step_size_up": {"low": 1.99, "high": 2.01}, "step_size_down": 2.0}
+    pruner = {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0}
+    submit(client, n_trials=3, parallelism=1, pruner=pruner, space=space)
+    for value in (0.2, 0.3):
+        trial = claim(client)
+        for epoch in range(1, 5):
+            report(client, trial, epoch, value)
+        complete(client, trial, value)
+
+    bad = claim(client)
+    mid_cycle = [report(client, bad, epoch, 9.0).json()["action"] for epoch in (1, 2, 3)]
+    at_cycle_end = report(client, bad, 4, 9.0).json()
+
+    assert mid_cycle == ["continue"] * 3
+    assert at_cycle_end["action"] == "prune"

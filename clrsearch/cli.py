@@ -55,6 +55,9 @@ def serve(
         help="SQLAlchemy URL; default sqlite:///clrsearch.db.")] = None,
     insecure: Annotated[bool, typer.Option(
         help="Allow a non-loopback address without tokens.")] = False,
+    workers: Annotated[int, typer.Option(
+        min=1, help="Server processes sharing the port (use PostgreSQL for more than one).",
+    )] = 1,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run the API server (applies database migrations first)."""
@@ -74,8 +77,46 @@ def serve(
         errors.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
     configure_logging(log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=log_level.lower(), access_log=False)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                    log_level=log_level.lower(), access_log=False)
+        return
+    _serve_processes(settings, workers, log_level, insecure)
+
+
+def _serve_processes(settings: Any, workers: int, log_level: str, insecure: bool) -> None:
+    """`serve --workers N`: uvicorn's worker processes, each building its own app."""
+    import uvicorn
+
+    from service.migrations import upgrade_database
+
+    if settings.database_url.startswith("sqlite"):
+        logging.getLogger(__name__).warning(
+            "%d server processes on SQLite take turns at its single write lock; "
+            "use PostgreSQL to serve many workers", workers)
+    # Once, here: N processes applying the first migration at once would race to create
+    # the same tables. Each process still checks the schema, which is then a no-op.
+    upgrade_database(settings.database_url)
+    # The processes are fresh interpreters that read their settings from CLRSEARCH_*
+    # variables, so what the options said travels to them through the environment.
+    os.environ.update({
+        "CLRSEARCH_HOST": settings.host, "CLRSEARCH_PORT": str(settings.port),
+        "CLRSEARCH_DATABASE_URL": settings.database_url, "CLRSEARCH_LOG_LEVEL": log_level,
+    })
+    if insecure:
+        os.environ["CLRSEARCH_INSECURE"] = "true"
+    uvicorn.run("clrsearch.cli:serving_process_app", factory=True, host=settings.host,
+                port=settings.port, workers=workers, log_level=log_level.lower(),
+                access_log=False)
+
+
+def serving_process_app() -> Any:
+    """The app of one `serve --workers N` process (a uvicorn factory)."""
+    from service.app import app_from_environment
+
+    # Logging is per process: without this a serving process would drop our INFO lines.
+    configure_logging(os.environ.get("CLRSEARCH_LOG_LEVEL", "INFO"))
+    return app_from_environment()
 
 
 @app.command()
@@ -83,14 +124,30 @@ def worker(
     server: ServerOption = "http://127.0.0.1:8000",
     worker_id: Annotated[str | None, typer.Option(
         help="Stable id; a restarted worker with the same id gets its trial back.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str | None, typer.Option(
+        help="auto, cpu, cuda or cuda:N (default: CLRSEARCH_DEVICE, else auto).",
+        show_default=False)] = None,
+    devices: Annotated[str | None, typer.Option(
+        help="One worker process per GPU, each seeing only its own: 'all' or a list "
+             "such as 0,1. Dead processes are restarted.", show_default=False)] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where datasets are kept.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(
+        help="Checkpoint each epoch here, so that a retried trial resumes (a folder shared "
+             "by all workers lets any of them resume it). Default: no checkpoints.",
+        show_default=False)] = None,
     max_idle_s: Annotated[float | None, typer.Option(
         help="Leave after this long without work (default: never).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run a worker: claim trials, train them, report, repeat."""
+    if checkpoint_dir is not None:
+        # Through the environment, so that the processes of --devices inherit it too.
+        os.environ["CLRSEARCH_CHECKPOINT_DIR"] = str(checkpoint_dir)
+    if devices is not None:
+        _supervise_workers(devices, server, worker_id, device, data_dir, max_idle_s, threads,
+                           log_level)
+        return
     from worker.loop import Worker
     from worker.settings import WorkerSettings
 
@@ -103,6 +160,32 @@ def worker(
     runner = Worker(settings)
     runner.install_signal_handlers()
     runner.run()
+
+
+def _supervise_workers(devices: str, server: str, worker_id: str | None, device: str | None,
+                       data_dir: Path | None, max_idle_s: float | None, threads: int | None,
+                       log_level: str) -> None:
+    """`worker --devices`: one `clrsearch worker` process per device, kept alive."""
+    import socket
+
+    from worker.supervisor import Supervisor, resolve_devices
+
+    configure_logging(log_level)
+    try:
+        device_list = resolve_devices(devices)
+    except ValueError as error:
+        errors.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    # The children inherit the environment; options given here are passed on as options.
+    worker_args = ["--server", server, "--log-level", log_level]
+    for option, value in (("--device", device), ("--data-dir", data_dir),
+                          ("--max-idle-s", max_idle_s), ("--threads", threads)):
+        if value is not None:
+            worker_args += [option, str(value)]
+    base_id = worker_id or os.environ.get("CLRSEARCH_WORKER_ID") or socket.gethostname()
+    supervisor = Supervisor(device_list, worker_args, base_id)
+    supervisor.install_signal_handlers()
+    raise typer.Exit(supervisor.run())
 
 
 @app.command()

@@ -21,9 +21,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from clrsearch.spec import CyclicParams, Objective, TaskSpec
+from clrsearch.spec import BaselineParams, CyclicParams, Objective, RangeTestSpec, TaskSpec
 
 Action = Literal["continue", "prune", "stop"]
+# cyclic: a searched CyclicLR trial; baseline: a comparison run with another schedule;
+# range_test: Smith's LR range test, run once before a study with lr_bounds "auto".
+TrialKind = Literal["cyclic", "baseline", "range_test"]
 # Names travel into logs and database columns: no control characters in them.
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
@@ -44,7 +47,11 @@ class TrialAssignment(_Wire):
     study_name: str
     number: int
     attempt: int
-    params: CyclicParams
+    kind: TrialKind = "cyclic"
+    # Exactly one of these is set, matching `kind`.
+    params: CyclicParams | None = None
+    baseline: BaselineParams | None = None
+    range_test: RangeTestSpec | None = None
     task: TaskSpec
     objective: Objective
     lease_s: float
@@ -81,11 +88,21 @@ class Decision(_Wire):
     reason: str = ""
 
 
+class RangeTestCurve(_Wire):
+    """What a range test measured: the LR and smoothed training loss at each step."""
+
+    lrs: list[float] = Field(min_length=2, max_length=1_000_000)
+    losses: list[float] = Field(min_length=2, max_length=1_000_000)
+    diverged: bool = False
+
+
 class CompleteRequest(_Wire):
     lease_id: str
     value: float
     pruned: bool = False
     stopped: bool = False
+    # Set by range-test trials only.
+    range_test: RangeTestCurve | None = None
 
 
 class FailRequest(_Wire):

@@ -237,6 +237,65 @@ class PrunerSpec(_Strict):
     cycle_aware: bool | None = None
 
 
+BaselineSchedule = Literal["fixed", "step", "cosine", "onecycle"]
+
+
+class BaselineSpec(_Strict):
+    """Comparison runs on the same task, budget and seed, kept out of the search.
+
+    `lr` defaults to the geometric centre of the searched base_lr and max_lr (for
+    `fixed`) and to the centre of max_lr (the peak of `step`, `cosine`, `onecycle`).
+    """
+
+    schedules: list[BaselineSchedule] = Field(default_factory=lambda: ["fixed"], min_length=1)
+    lr: float | None = Field(None, gt=0)
+    peak_lr: float | None = Field(None, gt=0)
+
+    @field_validator("schedules")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        _choices_unique(value, "baselines.schedules")
+        return value
+
+
+class BaselineParams(_Strict):
+    """One baseline run: `fixed` at `lr`; `step` (x0.1 at 50% and 75% of training),
+    `cosine` (to 0) and `onecycle` (torch's OneCycleLR) starting from or peaking at `lr`."""
+
+    schedule: BaselineSchedule
+    lr: float = Field(gt=0)
+
+
+class RangeTestSpec(_Strict):
+    """Smith's LR range test: the LR ramps from start_lr to end_lr over `epochs`."""
+
+    start_lr: float = Field(1e-5, gt=0)
+    end_lr: float = Field(10.0, gt=0)
+    epochs: int = Field(2, ge=1, le=100)
+    ramp: Literal["exponential", "linear"] = "exponential"
+    # Weight of the newest loss in the exponential moving average.
+    smoothing: float = Field(0.05, gt=0, le=1)
+    # The test stops once the smoothed loss exceeds this multiple of its best value.
+    divergence_factor: float = Field(4.0, gt=1)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> RangeTestSpec:
+        if self.end_lr <= self.start_lr:
+            raise ValueError(
+                f"end_lr must be above start_lr, got start_lr={self.start_lr}, "
+                f"end_lr={self.end_lr}"
+            )
+        return self
+
+
+def geometric_centre(value: FloatParam) -> float:
+    if isinstance(value, FloatRange):
+        if value.low > 0:
+            return math.sqrt(value.low * value.high)
+        return (value.low + value.high) / 2
+    return value
+
+
 class StudySpec(_Strict):
     """A study: a name, the search space, the task, and how to search.
 
@@ -258,6 +317,11 @@ class StudySpec(_Strict):
     max_failed_trials: int = Field(5, ge=0, le=100000)
     enqueue: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
     sampler_seed: int | None = None
+    baselines: BaselineSpec | None = None
+    # "auto": run an LR range test first and centre the max_lr and lr_ratio ranges on
+    # the bounds it suggests.
+    lr_bounds: Literal["auto"] | None = None
+    range_test: RangeTestSpec = RangeTestSpec()
 
     @field_validator("name")
     @classmethod
@@ -273,6 +337,21 @@ class StudySpec(_Strict):
     @classmethod
     def _pruner_shorthand(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    def baseline_runs(self) -> list[BaselineParams]:
+        """The baseline runs of this study, with default LRs filled in."""
+        if self.baselines is None:
+            return []
+        peak = self.baselines.peak_lr or geometric_centre(self.space.max_lr)
+        if self.space.lr_ratio is not None:
+            low = geometric_centre(self.space.max_lr) / geometric_centre(self.space.lr_ratio)
+        else:
+            low = geometric_centre(self.space.base_lr)  # type: ignore[arg-type]
+        fixed = self.baselines.lr or math.sqrt(low * geometric_centre(self.space.max_lr))
+        return [
+            BaselineParams(schedule=schedule, lr=fixed if schedule == "fixed" else peak)
+            for schedule in self.baselines.schedules
+        ]
 
     @property
     def cycle_aware_pruning(self) -> bool:
@@ -309,6 +388,11 @@ class StudySpec(_Strict):
                     f"sampler {self.sampler} cannot search gamma only when mode is "
                     "exp_range (a conditional space); fix mode or use tpe or random"
                 )
+        if self.lr_bounds == "auto" and self.space.base_lr is not None:
+            raise ValueError(
+                "lr_bounds auto sets max_lr and lr_ratio from the range test; remove "
+                "space.base_lr (or set the bounds yourself and drop lr_bounds)"
+            )
         for index, params in enumerate(self.enqueue):
             unknown = sorted(set(params) - set(searched))
             if unknown:

@@ -22,13 +22,15 @@ from sqlalchemy.orm import Session
 
 from clrsearch import protocol
 from clrsearch.cycles import cycle_length, is_cycle_end
-from clrsearch.spec import CyclicParams, StudySpec
+from clrsearch.lr_bounds import CurveTooFlat, space_around, suggest_bounds
+from clrsearch.spec import BaselineParams, CyclicParams, RangeTestSpec, StudySpec
 from service import models
 from service.db import db_now, is_sqlite
-from service.errors import LeaseLost, NotFound, StudyExists
+from service.errors import InvalidRequest, LeaseLost, NotFound, StudyExists
 from service.models import Study, Trial, TrialEpoch, Worker
 from service.optuna_bridge import OptunaBridge
 from service.schemas import (
+    BaselineComparison,
     EpochView,
     LrTrace,
     StudyDetail,
@@ -67,6 +69,10 @@ def create_study(session: Session, bridge: OptunaBridge, spec: StudySpec) -> Stu
     )
     session.add(study)
     session.flush()
+    if spec.lr_bounds == "auto":
+        _add_trial(session, study, "range_test", spec.range_test.model_dump(mode="json"), now)
+    else:
+        _add_baselines(session, study, spec, now)
     bridge.create_study(spec)
     logger.info(
         "study %r created: %d trials, %d at a time, sampler %s",
@@ -154,6 +160,7 @@ def get_trial(
     return TrialDetail(
         **_trial_summary(trial).model_dump(),
         study_name=study.name,
+        result=trial.result,
         epochs=[EpochView.model_validate(epoch, from_attributes=True) for epoch in epochs],
         lr_trace=LrTrace(
             total_steps=len(lrs),
@@ -221,25 +228,29 @@ def _claim_in_study(
     counts = _counts_by_study(session, [study.id]).get(study.id, TrialCounts())
     if counts.running >= study.parallelism:
         return None
-    trial = session.scalar(
-        select(Trial)
-        .where(Trial.study_id == study.id, Trial.state == models.QUEUED)
-        .order_by(Trial.number)
-        .limit(1)
-    )
+    spec = _spec(study)
+    if spec.lr_bounds == "auto" and not _range_test_done(session, study):
+        # Nothing else may start before the range test has set the space.
+        trial = session.scalar(select(Trial).where(
+            Trial.study_id == study.id, Trial.kind == "range_test",
+            Trial.state == models.QUEUED))
+        if trial is None:
+            return None
+    else:
+        # Queued trials first, oldest number first: retries, then baselines.
+        trial = session.scalar(
+            select(Trial)
+            .where(Trial.study_id == study.id, Trial.state == models.QUEUED)
+            .order_by(Trial.number)
+            .limit(1)
+        )
     if trial is None:
-        total = sum(counts.model_dump().values())
-        if total >= study.n_trials:
+        if _cyclic_trial_count(session, study) >= study.n_trials:
             _complete_study_if_done(session, study, now)
             return None
-        spec = _spec(study)
-        optuna_trial_id, number, params = bridge.ask(spec)
-        trial = Trial(
-            study_id=study.id, number=number, optuna_trial_id=optuna_trial_id,
-            state=models.QUEUED, params=params.model_dump(mode="json"), attempts=0,
-            created_at=now,
-        )
-        session.add(trial)
+        optuna_trial_id, optuna_number, params = bridge.ask(spec)
+        trial = _add_trial(session, study, "cyclic", params.model_dump(mode="json"), now)
+        trial.optuna_trial_id, trial.optuna_number = optuna_trial_id, optuna_number
     trial.state = models.RUNNING
     trial.attempts += 1
     trial.worker_id = worker_id
@@ -291,6 +302,8 @@ def report(
     value = body.val_loss if spec.objective == "val_loss" else body.val_accuracy
     if study.state != models.STUDY_RUNNING:
         action, reason = "stop", f"study is {study.state}"
+    elif trial.kind != "cyclic":
+        action, reason = "continue", ""  # baselines run to the end, unseen by the pruner
     elif spec.cycle_aware_pruning and not _ends_cycle(trial, body):
         # Mid-cycle values are kept in our table but never shown to the pruner.
         action, reason = "continue", ""
@@ -323,7 +336,9 @@ def complete(
     _require_lease(trial, body.lease_id)
     now = db_now(session)
     spec = _spec(trial.study)
-    if body.stopped:
+    if trial.kind == "range_test" and not body.stopped:
+        _complete_range_test(session, bridge, spec, trial, body, now)
+    elif body.stopped:
         _finish(session, bridge, spec, trial, models.STOPPED, now, error="stopped")
     elif body.pruned:
         trial.value = body.value
@@ -370,6 +385,71 @@ def sweep_lapsed_leases(session: Session, bridge: OptunaBridge, now: dt.datetime
 # -- helpers ------------------------------------------------------------------------------
 
 
+def _add_trial(
+    session: Session, study: Study, kind: str, params: dict, now: dt.datetime
+) -> Trial:
+    """A queued trial with the study's next number (the caller holds the study's lock)."""
+    session.flush()
+    last = session.scalar(select(func.max(Trial.number)).where(Trial.study_id == study.id))
+    trial = Trial(
+        study_id=study.id, number=0 if last is None else last + 1, kind=kind,
+        state=models.QUEUED, params=params, attempts=0, infra_losses=0, created_at=now,
+    )
+    session.add(trial)
+    return trial
+
+
+def _add_baselines(session: Session, study: Study, spec: StudySpec, now: dt.datetime) -> None:
+    for baseline in spec.baseline_runs():
+        _add_trial(session, study, "baseline", baseline.model_dump(mode="json"), now)
+
+
+def _cyclic_trial_count(session: Session, study: Study) -> int:
+    session.flush()
+    return session.scalar(select(func.count()).where(
+        Trial.study_id == study.id, Trial.kind == "cyclic")) or 0
+
+
+def _range_test_done(session: Session, study: Study) -> bool:
+    state = session.scalar(select(Trial.state).where(
+        Trial.study_id == study.id, Trial.kind == "range_test"))
+    return state == models.COMPLETE
+
+
+def _complete_range_test(
+    session: Session, bridge: OptunaBridge, spec: StudySpec, trial: Trial,
+    body: protocol.CompleteRequest, now: dt.datetime,
+) -> None:
+    curve = body.range_test
+    if curve is None or len(curve.lrs) != len(curve.losses):
+        raise InvalidRequest(
+            "a range-test trial completes with range_test: {lrs, losses} of equal length"
+        )
+    study = trial.study
+    try:
+        bounds = suggest_bounds(curve.lrs, curve.losses)
+    except CurveTooFlat as error:
+        trial.result = {"lrs": curve.lrs, "losses": curve.losses, "diverged": curve.diverged}
+        _finish(session, bridge, spec, trial, models.FAILED, now, error=str(error))
+        return
+    space = space_around(spec.space, bounds)
+    trial.result = {
+        "lrs": curve.lrs, "losses": curve.losses, "diverged": curve.diverged,
+        "base_lr": bounds.base_lr, "max_lr": bounds.max_lr,
+        "loss_minimum_lr": bounds.loss_minimum_lr,
+    }
+    trial.value = bounds.max_lr
+    updated = spec.model_copy(update={"space": space})
+    study.spec = updated.model_dump(mode="json")
+    _add_baselines(session, study, updated, now)
+    logger.info(
+        "range test of study %r suggests base_lr %.3g and max_lr %.3g; max_lr now searched "
+        "in [%.3g, %.3g]", study.name, bounds.base_lr, bounds.max_lr,
+        space.max_lr.low, space.max_lr.high,  # type: ignore[union-attr]
+    )
+    _finish(session, bridge, updated, trial, models.COMPLETE, now)
+
+
 def _ends_cycle(trial: Trial, body: protocol.EpochReport) -> bool:
     batches_per_epoch = max(1, body.iterations // body.epoch)
     length = cycle_length(CyclicParams(**trial.params), batches_per_epoch)
@@ -408,7 +488,8 @@ def _finish(
     session: Session, bridge: OptunaBridge, spec: StudySpec, trial: Trial, state: str,
     now: dt.datetime, error: str | None = None,
 ) -> None:
-    bridge.tell(spec, trial.number, state, trial.value)
+    if trial.optuna_number is not None:
+        bridge.tell(spec, trial.optuna_number, state, trial.value)
     trial.state = state
     trial.finished_at = now
     trial.lease_expires_at = None
@@ -421,7 +502,10 @@ def _finish(
         trial.number, trial.study.name, state, trial.value,
         f": {error}" if error and state == models.FAILED else "",
     )
-    if state == models.FAILED:
+    if trial.kind == "range_test" and state in (models.FAILED, models.STOPPED):
+        if trial.study.state == models.STUDY_RUNNING:
+            _stop(session, bridge, trial.study, now, f"the LR range test {state}: {error}")
+    elif state == models.FAILED:
         _stop_if_failing(session, bridge, spec, trial.study, now, error or "")
     _complete_study_if_done(session, trial.study, now)
 
@@ -445,7 +529,8 @@ def _complete_study_if_done(session: Session, study: Study, now: dt.datetime) ->
         return
     counts = _counts_by_study(session, [study.id]).get(study.id, TrialCounts())
     finished = counts.complete + counts.pruned + counts.failed + counts.stopped
-    if finished >= study.n_trials and counts.running == 0 and counts.queued == 0:
+    budget_spent = _cyclic_trial_count(session, study) >= study.n_trials
+    if budget_spent and counts.running == 0 and counts.queued == 0:
         study.state = models.STUDY_COMPLETE
         study.updated_at = now
         logger.info("study %r complete: %d trials finished", study.name, finished)
@@ -504,7 +589,10 @@ def _assignment(trial: Trial, settings: ServerSettings) -> protocol.TrialAssignm
     spec = _spec(trial.study)
     return protocol.TrialAssignment(
         trial_id=trial.id, lease_id=trial.lease_id or "", study_name=trial.study.name,
-        number=trial.number, attempt=trial.attempts, params=CyclicParams(**trial.params),
+        number=trial.number, attempt=trial.attempts, kind=trial.kind,
+        params=CyclicParams(**trial.params) if trial.kind == "cyclic" else None,
+        baseline=BaselineParams(**trial.params) if trial.kind == "baseline" else None,
+        range_test=RangeTestSpec(**trial.params) if trial.kind == "range_test" else None,
         task=spec.task, objective=spec.objective, lease_s=settings.lease_s,
         heartbeat_s=settings.heartbeat_s,
     )
@@ -547,7 +635,8 @@ def _best_trial_row(session: Session, study: Study) -> Trial | None:
     order = Trial.value.asc() if study.direction == "minimize" else Trial.value.desc()
     return session.scalar(
         select(Trial)
-        .where(Trial.study_id == study.id, Trial.state == models.COMPLETE)
+        .where(Trial.study_id == study.id, Trial.state == models.COMPLETE,
+               Trial.kind == "cyclic")
         .order_by(order, Trial.number)
         .limit(1)
     )
@@ -561,7 +650,8 @@ def _best_values(session: Session, studies: Sequence[Study]) -> dict[int, float]
             continue
         rows = session.execute(
             select(Trial.study_id, aggregate(Trial.value))
-            .where(Trial.study_id.in_(ids), Trial.state == models.COMPLETE)
+            .where(Trial.study_id.in_(ids), Trial.state == models.COMPLETE,
+                   Trial.kind == "cyclic")
             .group_by(Trial.study_id)
         ).all()
         best.update({study_id: value for study_id, value in rows if value is not None})
@@ -588,6 +678,38 @@ def _study_detail(session: Session, study: Study) -> StudyDetail:
     return StudyDetail(
         **summary.model_dump(), spec=study.spec,
         best_trial=_trial_summary(best) if best else None,
+        baseline_comparison=_baseline_comparison(session, study, best) if best else None,
+    )
+
+
+def _baseline_comparison(
+    session: Session, study: Study, best: Trial
+) -> BaselineComparison | None:
+    baselines = session.scalars(select(Trial).where(
+        Trial.study_id == study.id, Trial.kind == "baseline", Trial.state == models.COMPLETE,
+        Trial.value.is_not(None))).all()
+    if not baselines or best.value is None:
+        return None
+    minimize = study.direction == "minimize"
+    reference = (min if minimize else max)(baselines, key=lambda trial: trial.value)
+    target = reference.value
+    assert target is not None
+
+    def reaches(value: float) -> bool:
+        return value <= target if minimize else value >= target
+
+    objective = study.spec["objective"]
+    reached = next(
+        (epoch.iterations for epoch in best.epochs if reaches(getattr(epoch, objective))), None
+    )
+    baseline_iterations = reference.epochs[-1].iterations if reference.epochs else 0
+    return BaselineComparison(
+        baseline_number=reference.number, baseline_schedule=reference.params["schedule"],
+        baseline_value=target, baseline_iterations=baseline_iterations,
+        cyclic_number=best.number, cyclic_value=best.value,
+        cyclic_iterations_to_reach=reached,
+        iteration_ratio=(reached / baseline_iterations
+                         if reached is not None and baseline_iterations else None),
     )
 
 

@@ -46,9 +46,12 @@ class Trial(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
-    # "cyclic" for a searched CyclicLR trial, "baseline" for a comparison run.
+    # "cyclic" for a searched CyclicLR trial, "baseline" for a comparison run,
+    # "range_test" for the LR range test of a study with lr_bounds "auto".
     kind: Mapped[str] = mapped_column(String(16), default="cyclic")
-    optuna_trial_id: Mapped[int] = mapped_column(Integer)
+    # Only cyclic trials exist in Optuna; baselines and range tests never reach it.
+    optuna_trial_id: Mapped[int | None] = mapped_column(Integer)
+    optuna_number: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), index=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -60,6 +63,8 @@ class Trial(Base):
     value: Mapped[float | None] = mapped_column(Float)
     epochs_run: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    # What a range test measured and suggested (curve and bounds).
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)

@@ -51,9 +51,24 @@ class StudySummary(BaseModel):
     updated_at: dt.datetime
 
 
+class BaselineComparison(BaseModel):
+    """Smith's headline figure: how many iterations the best CyclicLR trial needed to
+    reach the final score of the best baseline run (epoch resolution)."""
+
+    baseline_number: int
+    baseline_schedule: str
+    baseline_value: float
+    baseline_iterations: int
+    cyclic_number: int
+    cyclic_value: float
+    cyclic_iterations_to_reach: int | None
+    iteration_ratio: float | None
+
+
 class StudyDetail(StudySummary):
     spec: dict[str, Any]
     best_trial: TrialSummary | None
+    baseline_comparison: BaselineComparison | None = None
 
 
 class EpochView(BaseModel):
@@ -77,6 +92,8 @@ class LrTrace(BaseModel):
 
 class TrialDetail(TrialSummary):
     study_name: str
+    # A range test's curve and suggested bounds; None for other trials.
+    result: dict[str, Any] | None = None
     epochs: list[EpochView]
     lr_trace: LrTrace
 

@@ -241,6 +241,74 @@ def demo(
                               database_url=database_url, console=console))
 
 
+@app.command("range-test")
+def range_test(
+    task_file: Annotated[Path | None, typer.Argument(
+        help="A task as JSON (the spec's `task`); default: digits with the small CNN.",
+        exists=True, dir_okay=False)] = None,
+    server: Annotated[str | None, typer.Option(
+        "--server", envvar="CLRSEARCH_SERVER_URL", show_default=False,
+        help="Run it on the server's workers instead of here.")] = None,
+    name: Annotated[str | None, typer.Option(help="Study name (with --server).")] = None,
+    token: AdminTokenOption = None,
+    end_lr: Annotated[float, typer.Option(help="Highest LR of the ramp.")] = 10.0,
+    epochs: Annotated[int, typer.Option(help="Epochs the ramp lasts.")] = 2,
+) -> None:
+    """Run Smith's LR range test and print the bounds it suggests."""
+    import datetime as dt
+    import time
+
+    from clrsearch.spec import RangeTestSpec, TaskSpec
+
+    task = TaskSpec.model_validate_json(task_file.read_text()) if task_file else TaskSpec()
+    test = RangeTestSpec(end_lr=end_lr, epochs=epochs)
+    if server is None:
+        result = _range_test_here(task, test)
+    else:
+        name = name or "range-test-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        _request("POST", server, "/api/v1/range-tests", token, json={
+            "name": name, "task": task.model_dump(mode="json"),
+            "range_test": test.model_dump(mode="json")})
+        console.print(f"range test {name} submitted; waiting for a worker to run it")
+        while (result := _request("GET", server, f"/api/v1/studies/{name}/range-test",
+                                  token))["state"] in ("queued", "running"):
+            time.sleep(1.0)
+    if result.get("max_lr") is None:
+        errors.print(f"[red]no bounds:[/red] {result.get('error') or 'the test did not finish'}")
+        raise typer.Exit(1)
+    table = Table(title="LR range test")
+    table.add_column("")
+    table.add_column("LR")
+    table.add_row("suggested base_lr", f"{result['base_lr']:.4g}")
+    table.add_row("suggested max_lr", f"{result['max_lr']:.4g}")
+    table.add_row("loss minimum at", f"{result['loss_minimum_lr']:.4g}")
+    console.print(table)
+    console.print(f"{len(result['lrs'])} points from {result['lrs'][0]:.3g} to "
+                  f"{result['lrs'][-1]:.3g}" + (", stopped when the loss diverged"
+                                                if result["diverged"] else ""))
+
+
+def _range_test_here(task: Any, test: Any) -> dict[str, Any]:
+    from clrsearch.lr_bounds import CurveTooFlat, suggest_bounds
+    from worker.data import DatasetCache
+    from worker.loop import pick_device
+    from worker.range_test import run_range_test
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    data = DatasetCache(settings.data_dir).get(task)
+    with console.status("running the range test here"):
+        curve = run_range_test(test, task, data, pick_device(settings.device))
+    result: dict[str, Any] = {"lrs": curve.lrs, "losses": curve.losses,
+                              "diverged": curve.diverged, "max_lr": None}
+    try:
+        bounds = suggest_bounds(curve.lrs, curve.losses)
+    except CurveTooFlat as error:
+        return {**result, "error": str(error)}
+    return {**result, "base_lr": bounds.base_lr, "max_lr": bounds.max_lr,
+            "loss_minimum_lr": bounds.loss_minimum_lr}
+
+
 @db_app.command("upgrade")
 def db_upgrade(
     database_url: Annotated[str | None, typer.Option(

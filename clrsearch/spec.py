@@ -309,7 +309,8 @@ class StudySpec(_Strict):
     objective: Objective = "val_loss"
     sampler: SamplerName = "tpe"
     pruner: PrunerSpec | PrunerName = PrunerSpec()
-    n_trials: int = Field(20, ge=1, le=100000)
+    # 0 only with lr_bounds "auto": a study that runs just the range test.
+    n_trials: int = Field(20, ge=0, le=100000)
     parallelism: int = Field(2, ge=1, le=1024)
     # Re-runs of a trial lost to infrastructure (lapsed lease, worker shut down).
     max_retries: int = Field(2, ge=0, le=100)
@@ -388,6 +389,9 @@ class StudySpec(_Strict):
                     f"sampler {self.sampler} cannot search gamma only when mode is "
                     "exp_range (a conditional space); fix mode or use tpe or random"
                 )
+        if self.n_trials == 0 and self.lr_bounds != "auto":
+            raise ValueError("n_trials must be at least 1 (0 only with lr_bounds auto, "
+                             "which runs just the range test)")
         if self.lr_bounds == "auto" and self.space.base_lr is not None:
             raise ValueError(
                 "lr_bounds auto sets max_lr and lr_ratio from the range test; remove "

@@ -9,16 +9,18 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.orm import Session
 
 from clrsearch import protocol
-from clrsearch.spec import StudySpec
+from clrsearch.spec import RangeTestSpec, StudySpec, TaskSpec
 from service import domain
 from service.db import unit_of_work
 from service.errors import Unauthorized
 from service.optuna_bridge import OptunaBridge
 from service.preview import PreviewRequest, SchedulePreview, preview_schedule
 from service.schemas import (
+    RangeTestView,
     StudyDetail,
     StudySummary,
     TrialDetail,
@@ -143,6 +145,33 @@ def get_trial(
 ) -> TrialDetail:
     """One trial with its per-epoch curve and the LR and momentum it ran at each step."""
     return domain.get_trial(session, name, number, max_points)
+
+
+class RangeTestRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    task: TaskSpec = TaskSpec()
+    range_test: RangeTestSpec = RangeTestSpec()
+
+
+@studies.post("/range-tests", status_code=201, dependencies=[Depends(require("admin"))])
+def create_range_test(body: RangeTestRequest, session: SessionDep,
+                      bridge: BridgeDep) -> StudyDetail:
+    """Run an LR range test on its own: a study of that name with the range test only.
+    A worker runs it; read the curve and bounds at /studies/{name}/range-test."""
+    spec = StudySpec(name=body.name, task=body.task, range_test=body.range_test,
+                     lr_bounds="auto", n_trials=0)
+    return domain.create_study(session, bridge, spec)
+
+
+@studies.get("/studies/{name}/range-test", dependencies=[Depends(require("read"))])
+def get_range_test(
+    name: StudyName, session: SessionDep,
+    max_points: Annotated[int, Query(ge=2, le=100_000)] = domain.DEFAULT_TRACE_POINTS,
+) -> RangeTestView:
+    """The study's LR range test: smoothed loss against LR, and the bounds read off it."""
+    return domain.get_range_test(session, name, max_points)
 
 
 @studies.get("/workers", dependencies=[Depends(require("read"))])

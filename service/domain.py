@@ -33,6 +33,7 @@ from service.schemas import (
     BaselineComparison,
     EpochView,
     LrTrace,
+    RangeTestView,
     StudyDetail,
     StudySummary,
     TrialCounts,
@@ -168,6 +169,24 @@ def get_trial(
             lr=[lrs[i] for i in steps],
             momentum=[momentums[i] for i in steps if i < len(momentums)],
         ),
+    )
+
+
+def get_range_test(session: Session, name: str, max_points: int = DEFAULT_TRACE_POINTS
+                   ) -> RangeTestView:
+    study = _study_by_name(session, name)
+    trial = session.scalar(select(Trial).where(
+        Trial.study_id == study.id, Trial.kind == "range_test"))
+    if trial is None:
+        raise NotFound(f"study {name!r} has no range test (submit it with lr_bounds \"auto\")")
+    result = trial.result or {}
+    lrs, losses = result.get("lrs", []), result.get("losses", [])
+    keep = thin_indices(len(lrs), max_points)
+    return RangeTestView(
+        study_name=study.name, trial_number=trial.number, state=trial.state,
+        error=trial.error, lrs=[lrs[i] for i in keep], losses=[losses[i] for i in keep],
+        diverged=result.get("diverged", False), base_lr=result.get("base_lr"),
+        max_lr=result.get("max_lr"), loss_minimum_lr=result.get("loss_minimum_lr"),
     )
 
 

@@ -111,3 +111,18 @@ class WorkerView(BaseModel):
     device: str
     last_seen_at: dt.datetime
     trial_id: int | None
+
+
+class RangeTestView(BaseModel):
+    """A study's LR range test: its state, the curve (thinned) and the bounds read off it."""
+
+    study_name: str
+    trial_number: int
+    state: str
+    error: str | None
+    lrs: list[float]
+    losses: list[float]
+    diverged: bool
+    base_lr: float | None
+    max_lr: float | None
+    loss_minimum_lr: float | None

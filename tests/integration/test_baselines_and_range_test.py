@@ -104,3 +104,21 @@ def test_a_flat_range_test_stops_the_study_and_says_why(client: TestClient) -> N
     study = client.get("/api/v1/studies/s").json()
     assert study["state"] == "stopped"
     assert "loss never fell" in study["stop_reason"]
+
+
+def test_a_range_test_on_its_own_reports_its_curve_and_bounds(client: TestClient) -> None:
+    created = client.post("/api/v1/range-tests", json={"name": "rt", "task": {"model": "mlp"}})
+    trial = claim(client)
+    before = client.get("/api/v1/studies/rt/range-test").json()
+    client.post(f"{WORKER}/trials/{trial['trial_id']}/complete", json={
+        "lease_id": trial["lease_id"], "value": 0.0, "range_test": range_curve()})
+
+    view = client.get("/api/v1/studies/rt/range-test", params={"max_points": 50}).json()
+    study = client.get("/api/v1/studies/rt").json()
+
+    assert created.status_code == 201 and trial["kind"] == "range_test"
+    assert before["state"] == "running" and before["max_lr"] is None
+    assert view["state"] == "complete" and len(view["lrs"]) == 50
+    assert view["base_lr"] < view["max_lr"] < view["loss_minimum_lr"]
+    assert study["state"] == "complete"
+    assert client.get("/api/v1/studies/s/range-test").status_code == 404

@@ -326,7 +326,10 @@ def report(
     elif spec.cycle_aware_pruning and not _ends_cycle(trial, body):
         # Mid-cycle values are kept in our table but never shown to the pruner.
         action, reason = "continue", ""
-    elif bridge.report(spec, trial.optuna_trial_id, body.epoch, value):
+    elif bridge.report(spec, trial.optuna_trial_id, body.epoch, value,
+                       # Pruning at the last epoch saves nothing and would turn a finished
+                       # trial into a pruned one, out of the running for best.
+                       ask_pruner=body.epoch < spec.task.epochs):
         action, reason = "prune", f"pruned at epoch {body.epoch} by the {_pruner_name(spec)}"
     else:
         action, reason = "continue", ""

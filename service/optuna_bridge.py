@@ -236,12 +236,13 @@ class OptunaBridge:
             raise
         return trial._trial_id, trial.number, params
 
-    def report(self, spec: StudySpec, optuna_trial_id: int, epoch: int, value: float) -> bool:
+    def report(self, spec: StudySpec, optuna_trial_id: int, epoch: int, value: float,
+               ask_pruner: bool = True) -> bool:
         """Record one epoch's objective; True when the pruner says stop this trial."""
         trial = optuna.trial.Trial(self._study(spec), optuna_trial_id)
         trial.report(value, epoch)
         # should_prune() may return numpy.bool_, which JSON and pydantic dislike.
-        return bool(trial.should_prune())
+        return ask_pruner and bool(trial.should_prune())
 
     def tell(self, spec: StudySpec, number: int, state: str, value: float | None = None) -> None:
         study = self._study(spec)

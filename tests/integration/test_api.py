@@ -397,3 +397,21 @@ def test_cycle_aware_pruner_judges_a_trial_only_at_the_end_of_a_cycle(
 
     assert mid_cycle == ["continue"] * 3
     assert at_cycle_end["action"] == "prune"
+
+
+def test_the_last_epoch_is_never_pruned(client: TestClient) -> None:
+    pruner = {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0,
+              "cycle_aware": False}
+    submit(client, n_trials=2, parallelism=1, pruner=pruner, task={"epochs": 2})
+    good = claim(client)
+    report(client, good, 1, 0.1)
+    report(client, good, 2, 0.1)
+    complete(client, good, 0.1)
+
+    late_bloomer = claim(client)
+    first = report(client, late_bloomer, 1, 0.05).json()["action"]
+    last = report(client, late_bloomer, 2, 9.0).json()["action"]
+    finished = complete(client, late_bloomer, 9.0).json()
+
+    # The same worse-than-median value at epoch 1 would have been pruned.
+    assert (first, last, finished["state"]) == ("continue", "continue", "complete")

@@ -1,0 +1,1 @@
+"""Benchmarks that measure clrsearch against a baseline in the same run (docs/benchmarks.md)."""

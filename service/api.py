@@ -9,14 +9,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session
 
 from clrsearch import protocol
 from clrsearch.spec import RangeTestSpec, StudySpec, TaskSpec
 from service import domain
 from service.db import unit_of_work
-from service.errors import Unauthorized
+from service.errors import InvalidRequest, Unauthorized
 from service.optuna_bridge import OptunaBridge
 from service.preview import PreviewRequest, SchedulePreview, preview_schedule
 from service.schemas import (
@@ -160,8 +160,13 @@ def create_range_test(body: RangeTestRequest, session: SessionDep,
                       bridge: BridgeDep) -> StudyDetail:
     """Run an LR range test on its own: a study of that name with the range test only.
     A worker runs it; read the curve and bounds at /studies/{name}/range-test."""
-    spec = StudySpec(name=body.name, task=body.task, range_test=body.range_test,
-                     lr_bounds="auto", n_trials=0)
+    try:
+        spec = StudySpec(name=body.name, task=body.task, range_test=body.range_test,
+                         lr_bounds="auto", n_trials=0)
+    except ValidationError as error:  # the name is checked by the spec's rules
+        raise InvalidRequest("; ".join(
+            f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()
+        )) from error
     return domain.create_study(session, bridge, spec)
 
 

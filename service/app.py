@@ -15,7 +15,7 @@ from sqlalchemy import text
 from starlette.middleware.base import BaseHTTPMiddleware
 
 import clrsearch
-from service import api, domain
+from service import api, dashboard, domain
 from service.db import db_now, make_engine, make_sessionmaker, unit_of_work
 from service.errors import ClrsearchError
 from service.migrations import upgrade_database
@@ -57,6 +57,7 @@ def create_app(settings: ServerSettings | None = None, migrate: bool = True) -> 
     app.add_middleware(_BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(api.studies)
     app.include_router(api.workers)
+    dashboard.install(app)
     _install_error_handlers(app)
 
     @app.get("/healthz", tags=["health"])
@@ -99,10 +100,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         # One readable line per problem, each naming the field: "space.max_lr: ...".
         problems = []
         for item in error.errors():
-            location = ".".join(str(part) for part in item["loc"] if part != "body")
+            # A rule across several fields of the spec has no narrower place than "body";
+            # its message names the fields.
+            location = ".".join(str(part) for part in item["loc"] if part != "body") or "body"
             message = item["msg"].removeprefix("Value error, ")
             problems.append({"field": location, "message": message})
-        summary = "; ".join(f"{p['field'] or 'body'}: {p['message']}" for p in problems)
+        summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         return JSONResponse(
             {"detail": summary, "errors": jsonable_encoder(problems)}, status_code=422
         )

@@ -71,7 +71,8 @@ def test_minimal_spec_gets_every_default_filled_in(client: TestClient) -> None:
     [
         ({"name": "s", "colour": "red"}, "colour", "Extra inputs"),
         ({"name": "s", "space": {"base_lr": 0.5, "max_lr": 0.1}}, "space", "below max_lr"),
-        ({"name": "s", "n_trials": 0}, "n_trials", "greater than or equal to 1"),
+        ({"name": "s", "n_trials": -1}, "n_trials", "greater than or equal to 0"),
+        ({"name": "s", "n_trials": 0}, "body", "n_trials must be at least 1"),
         ({"name": "s", "task": {"model": "vgg99"}}, "task.model", "unknown model 'vgg99'"),
         ({"name": "s", "task": {"dataset": "imagenet"}}, "task.dataset", "digits"),
         ({"name": "s", "space": {"gamma": 0.99}}, "space", "gamma only applies"),

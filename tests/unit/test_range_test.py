@@ -4,7 +4,6 @@ comparison with torch-lr-finder on the same model and data."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

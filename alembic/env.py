@@ -7,6 +7,7 @@ Our version table is `clrsearch_alembic_version`, so that it never meets Optuna'
 from __future__ import annotations
 
 from alembic import context
+
 from service.db import make_engine
 from service.models import Base
 from service.settings import ServerSettings, normalise_database_url

@@ -44,6 +44,10 @@ TORCHVISION_MODELS = (
 )
 MODEL_NAMES = BUILTIN_MODELS + TORCHVISION_MODELS
 
+# Far beyond any useful value; they keep arithmetic on the schedule finite.
+MAX_LR = 1e6
+MAX_STEP_SIZE = 1e9
+
 STUDY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -125,6 +129,8 @@ class CyclicSpace(_Strict):
     @model_validator(mode="after")
     def _check_space(self) -> CyclicSpace:
         _positive("max_lr", self.max_lr)
+        if highest(self.max_lr) > MAX_LR:
+            raise ValueError(f"max_lr must not exceed {MAX_LR:g}, got {self.max_lr!r}")
         if self.base_lr is not None and self.lr_ratio is not None:
             if "lr_ratio" in self.model_fields_set:
                 raise ValueError(
@@ -152,6 +158,8 @@ class CyclicSpace(_Strict):
                 raise ValueError(f"{name} must be at least 1 iteration, got {value!r}")
             if value is not None and lowest(value) <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
+            if value is not None and highest(value) > MAX_STEP_SIZE:
+                raise ValueError(f"{name} must not exceed {MAX_STEP_SIZE:g}, got {value!r}")
         modes = self.mode if isinstance(self.mode, list) else [self.mode]
         if self.gamma is not None:
             if "exp_range" not in modes:
@@ -427,10 +435,10 @@ class CyclicParams(_Strict):
     with the real number of batches per epoch (`iterations_for`).
     """
 
-    base_lr: Annotated[float, Field(gt=0)]
-    max_lr: Annotated[float, Field(gt=0)]
-    step_size_up: Annotated[float, Field(gt=0)]
-    step_size_down: Annotated[float, Field(gt=0)] | None = None
+    base_lr: Annotated[float, Field(gt=0, le=MAX_LR)]
+    max_lr: Annotated[float, Field(gt=0, le=MAX_LR)]
+    step_size_up: Annotated[float, Field(gt=0, le=MAX_STEP_SIZE)]
+    step_size_down: Annotated[float, Field(gt=0, le=MAX_STEP_SIZE)] | None = None
     step_size_unit: StepUnit = "epochs"
     mode: Mode = "triangular"
     gamma: Annotated[float, Field(gt=0, le=1)] = 1.0

@@ -89,7 +89,9 @@ def require(role: Role) -> Callable[..., None]:
     return check
 
 
-SessionDep = Annotated[Session, Depends(_session)]
+# "function" scope: the transaction commits before the answer is sent, so a client never
+# sees a claim (or anything else) that another server process cannot read yet.
+SessionDep = Annotated[Session, Depends(_session, scope="function")]
 BridgeDep = Annotated[OptunaBridge, Depends(_bridge)]
 SettingsDep = Annotated[ServerSettings, Depends(_settings)]
 

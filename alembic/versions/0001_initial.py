@@ -6,7 +6,6 @@ Create Date: 2026-12-03 16:42:30.100312
 """
 
 import sqlalchemy as sa
-
 from alembic import op
 
 revision = "0001"

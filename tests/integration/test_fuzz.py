@@ -12,7 +12,7 @@ from tests.processes import clrsearch, free_port, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES_PER_OPERATION = 110
+EXAMPLES_PER_OPERATION = 60
 REQUIRED_REQUESTS = 1000
 
 

@@ -41,6 +41,8 @@ def configure_logging(level: str = "INFO") -> None:
         level=level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO: a worker's log would be mostly heartbeats.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # Optuna logs each trial at INFO through its own handler; our logs already say it.
     import optuna
 

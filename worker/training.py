@@ -5,6 +5,12 @@ callables: `on_epoch` reports an epoch and returns the server's answer (`continu
 `prune` or `stop`), and `should_stop` says whether the worker has been asked to quit.
 The same loop serves the worker, the benchmarks and the tests.
 
+With a `CheckpointStore` it saves its state after every epoch and, when the store holds
+a checkpoint of the same trial, resumes from it: the epochs already done are handed to
+`on_epoch` again (the server records an epoch once and answers a repeat as it answered
+the first), and training goes on from the next epoch with the same LR, weights, batch
+order and random numbers as a run that was never interrupted.
+
 The LR of every step is torch's `CyclicLR` value for that step: the scheduler is
 stepped once after every optimizer step, including the last, partial batch of an
 epoch, and the LR and momentum recorded for a step are the ones that step applied.
@@ -15,18 +21,22 @@ retry with the same parameters would diverge again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
-from clrsearch.spec import CyclicParams, TaskSpec
+from clrsearch.spec import BaselineParams, CyclicParams, TaskSpec
+from worker.baselines import build_baseline_scheduler
+from worker.checkpoint import CheckpointStore, TrainingState
 from worker.data import PreparedData
 from worker.models import build_model
 from worker.schedule import build_optimizer, build_scheduler, momentum_of
@@ -93,41 +103,59 @@ def batch_bounds(train_count: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def train_trial(
-    params: CyclicParams,
+    params: CyclicParams | BaselineParams,
     task: TaskSpec,
     objective: str,
     data: PreparedData,
     device: torch.device,
     on_epoch: Callable[[EpochResult], str],
     should_stop: Callable[[], bool] = lambda: False,
+    checkpoint: CheckpointStore | None = None,
 ) -> TrialOutcome:
-    """Train `task.model` on `data` under the trial's CyclicLR and report every epoch.
+    """Train `task.model` on `data` under the trial's CyclicLR (or a baseline's schedule)
+    and report every epoch.
 
-    Deterministic on the CPU: the same arguments give the same results.
+    Deterministic on the CPU: the same arguments give the same results, and a run resumed
+    from a `checkpoint` gives the same epochs as one that was never interrupted. The
+    checkpoint is left in place at the end: the caller deletes it once the outcome is
+    safely recorded.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
 
     # Build model, optimizer and schedule
-    torch.manual_seed(task.seed)
     data = data.to(device)
-    model = build_model(task.model, data.in_channels, data.image_size, data.num_classes)
-    model = model.to(device)
-    optimizer = build_optimizer(model.parameters(), task.optimizer, lr=params.base_lr)
     train_count = len(data.train_y)
     steps = batches_per_epoch(train_count, task.batch_size)
-    scheduler = build_scheduler(optimizer, params, steps)
-    # A generator of its own, so that shuffling does not depend on what else draws
-    # random numbers (dropout, model initialisation).
-    shuffle = torch.Generator().manual_seed(task.seed)
+    model, optimizer, scheduler, shuffle = _build(params, task, data, device, steps)
     bounds = batch_bounds(train_count, task.batch_size)
     batch_sizes = torch.tensor([end - start for start, end in bounds], dtype=torch.float32,
                                device=device)
     eval_batch_size = max(task.batch_size, MIN_EVAL_BATCH_SIZE)
 
+    # Resume from a checkpoint, and report its epochs again: the lost attempt may have
+    # saved an epoch and died before its report reached the server
+    config = trial_config(params, task, objective)
     epochs: list[EpochResult] = []
     iteration = 0
-    for epoch in range(1, task.epochs + 1):
+    saved = checkpoint.load(config) if checkpoint is not None else None
+    if checkpoint is not None and saved is not None:
+        try:
+            epochs, iteration = _restore(saved, model, optimizer, scheduler, shuffle, device,
+                                         steps)
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            # A state that passed the format and configuration checks and still does not
+            # load (a model whose layers changed between versions): a fresh start is right.
+            logger.warning("%s: checkpoint %s does not fit (%s); starting afresh",
+                           checkpoint.label, checkpoint.path, error)
+            model, optimizer, scheduler, shuffle = _build(params, task, data, device, steps)
+            epochs, iteration = [], 0
+        for index, result in enumerate(epochs):
+            ending = _ending(on_epoch(result))
+            if ending is not None:
+                return _outcome(ending, epochs[: index + 1], objective)
+
+    for epoch in range(len(epochs) + 1, task.epochs + 1):
         started = time.perf_counter()
         model.train()
         order = torch.randperm(train_count, generator=shuffle).to(device)
@@ -195,19 +223,103 @@ def train_trial(
             result.duration_s,
         )
 
+        # Save a checkpoint before reporting, so that a worker lost between the two leaves
+        # the epoch to its retry (host sync: the state is copied off the device)
+        if checkpoint is not None:
+            checkpoint.save(_state(config, epochs, iteration, model, optimizer, scheduler,
+                                   shuffle, device))
+
         # Report, and follow the answer
-        answer = on_epoch(result)
-        if answer == "prune":
-            return _outcome("pruned", epochs, objective)
-        if answer == "stop":
-            return _outcome("stopped", epochs, objective)
-        if answer != "continue":
-            raise ValueError(f"on_epoch answered {answer!r}; expected one of {', '.join(ANSWERS)}")
+        ending = _ending(on_epoch(result))
+        if ending is not None:
+            return _outcome(ending, epochs, objective)
         if epoch < task.epochs and should_stop():
             logger.info("training stopped on request after epoch %d", epoch)
             return _outcome("stopped", epochs, objective)
 
     return _outcome("complete", epochs, objective)
+
+
+def trial_config(
+    params: CyclicParams | BaselineParams, task: TaskSpec, objective: str
+) -> dict[str, Any]:
+    """Everything that makes one trial's training what it is, as plain JSON values."""
+    return {
+        "params": params.model_dump(mode="json"),
+        "task": task.model_dump(mode="json"),
+        "objective": objective,
+    }
+
+
+def _build(
+    params: CyclicParams | BaselineParams, task: TaskSpec, data: PreparedData,
+    device: torch.device, steps: int,
+) -> tuple[nn.Module, torch.optim.Optimizer, LRScheduler, torch.Generator]:
+    """Model, optimizer, schedule and shuffling generator, all at their seeded start."""
+    torch.manual_seed(task.seed)
+    model = build_model(task.model, data.in_channels, data.image_size, data.num_classes)
+    model = model.to(device)
+    if isinstance(params, BaselineParams):
+        optimizer = build_optimizer(model.parameters(), task.optimizer, lr=params.lr)
+        scheduler: LRScheduler = build_baseline_scheduler(optimizer, params, steps * task.epochs)
+    else:
+        optimizer = build_optimizer(model.parameters(), task.optimizer, lr=params.base_lr)
+        scheduler = build_scheduler(optimizer, params, steps)
+    # A generator of its own, so that shuffling does not depend on what else draws
+    # random numbers (dropout, model initialisation).
+    shuffle = torch.Generator().manual_seed(task.seed)
+    return model, optimizer, scheduler, shuffle
+
+
+def _state(
+    config: dict[str, Any], epochs: list[EpochResult], iteration: int, model: nn.Module,
+    optimizer: torch.optim.Optimizer, scheduler: LRScheduler, shuffle: torch.Generator,
+    device: torch.device,
+) -> TrainingState:
+    return TrainingState(
+        config=config,
+        epoch=len(epochs),
+        iteration=iteration,
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        torch_rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        shuffle_rng=shuffle.get_state(),
+        epochs=[dataclasses.asdict(result) for result in epochs],
+    )
+
+
+def _restore(
+    saved: TrainingState, model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler, shuffle: torch.Generator, device: torch.device, steps: int,
+) -> tuple[list[EpochResult], int]:
+    """Put the saved state into freshly built objects; returns the epochs and iterations."""
+    if saved.iteration != saved.epoch * steps or len(saved.epochs) != saved.epoch:
+        raise ValueError(f"{saved.epoch} epochs with {saved.iteration} iterations and "
+                         f"{len(saved.epochs)} results do not fit {steps} steps per epoch")
+    model.load_state_dict(saved.model)
+    scheduler.load_state_dict(saved.scheduler)
+    # The optimizer goes last: building CyclicLR (above, in _build) set the LR and the
+    # momentum to the cycle's start, and loading the scheduler's state does not undo
+    # that; the optimizer's own state holds the values the next step applies.
+    optimizer.load_state_dict(saved.optimizer)
+    torch.set_rng_state(saved.torch_rng)
+    if saved.cuda_rng is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(saved.cuda_rng, device)
+    shuffle.set_state(saved.shuffle_rng)
+    return [EpochResult(**result) for result in saved.epochs], saved.iteration
+
+
+def _ending(answer: str) -> Literal["pruned", "stopped"] | None:
+    """What the server's answer to a report means for training: go on (None) or end."""
+    if answer == "prune":
+        return "pruned"
+    if answer == "stop":
+        return "stopped"
+    if answer != "continue":
+        raise ValueError(f"on_epoch answered {answer!r}; expected one of {', '.join(ANSWERS)}")
+    return None
 
 
 def _check_finite(

@@ -67,3 +67,37 @@ def test_digits_study_runs_to_completion_with_two_worker_processes(
     for trial in trials:
         if trial["state"] == "complete":
             assert trial["epochs_run"] == 2
+
+
+def test_range_test_baselines_and_search_run_on_real_workers(sqlite_url, tmp_path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "processes.log"
+    server = clrsearch("serve", "--port", str(port), "--database-url", sqlite_url, log=log)
+    workers = []
+    try:
+        wait_healthy(url, server, log)
+        spec = {"name": "edge", "n_trials": 2, "parallelism": 2, "lr_bounds": "auto",
+                "baselines": {"schedules": ["fixed", "onecycle"]}, "pruner": "none",
+                "task": {"epochs": 2, "model": "mlp"}}
+        assert httpx.post(f"{url}/api/v1/studies", json=spec, timeout=30).status_code == 201
+        workers = [
+            clrsearch("worker", "--server", url, "--worker-id", f"w{i}", "--threads", "1",
+                      "--max-idle-s", "3", "--data-dir", str(tmp_path / "data"), log=log)
+            for i in range(2)
+        ]
+        study = wait_for_study(url, "edge", timeout_s=120)
+        trials = httpx.get(f"{url}/api/v1/studies/edge/trials", timeout=10).json()["trials"]
+        range_test = httpx.get(f"{url}/api/v1/studies/edge/range-test", timeout=10).json()
+    finally:
+        stop(*workers, server)
+
+    assert study["state"] == "complete", log.read_text()
+    kinds = [(trial["number"], trial["kind"], trial["state"]) for trial in trials]
+    assert kinds[:3] == [(0, "range_test", "complete"), (1, "baseline", "complete"),
+                         (2, "baseline", "complete")]
+    assert [kind for _, kind, _ in kinds[3:]] == ["cyclic", "cyclic"]
+    assert range_test["base_lr"] < range_test["max_lr"] < range_test["loss_minimum_lr"]
+    for trial in trials[3:]:
+        assert range_test["max_lr"] / 2 <= trial["params"]["max_lr"] <= range_test["max_lr"] * 2
+    assert study["baseline_comparison"]["baseline_schedule"] in ("fixed", "onecycle")

@@ -1,0 +1,355 @@
+"""Results a worker owes the server, kept on disk until the server has them.
+
+Every result call (an epoch's report, a completion, a failure) is first written to the
+worker's spool folder, then delivered by the `Outbox`, oldest first. While the server
+cannot be reached, entries wait and training goes on; they go out in the order they were
+made when it answers again, at the next epoch's end or before the next claim. Nothing is
+ever given up for lack of an answer: a worker that exits or dies with entries waiting
+leaves them to the next worker started on the machine, which delivers them before it
+claims anything.
+
+    {spool_dir}/{worker_id}/.lock                      held while the worker lives
+    {spool_dir}/{worker_id}/000000000007-report.json   {"call", "trial_id", "study_name",
+    {spool_dir}/{worker_id}/000000000008-complete.json  "number", "body"}
+
+Delivering twice is harmless: the server records an epoch once and answers a repeated
+completion or failure with the trial's state. An entry the server refuses is dropped with
+a log line: 409 (the lease was lost: the trial went to another worker, which reports its
+own results) as a warning, any other 4xx as an error, except 401 and 403: a wrong token
+is the worker's problem, not the result's, so the entry stays.
+
+Errors: `SpoolBusy` when another live process holds the spool folder (two workers started
+with one worker id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import BaseModel
+
+from clrsearch import protocol
+from worker.client import LeaseLost, ResultCall, ServerError, ServerUnreachable, WorkerClient
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+# The pauses between delivery passes while the server does not answer.
+FIRST_RETRY_DELAY_S = 0.5
+MAX_RETRY_DELAY_S = 5.0
+
+
+class SpoolBusy(RuntimeError):
+    """Another live process holds this spool folder: two workers share one worker id."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One result call waiting in the spool."""
+
+    sequence: int
+    call: ResultCall
+    trial_id: int
+    study_name: str
+    number: int
+    body: dict[str, Any]
+    path: Path
+
+    @property
+    def lease_id(self) -> str:
+        return str(self.body.get("lease_id", ""))
+
+    @property
+    def label(self) -> str:
+        return f"trial {self.number} of study {self.study_name!r}"
+
+    @property
+    def what(self) -> str:
+        if self.call == "report":
+            return f"epoch {self.body.get('epoch')} report"
+        return {"complete": "completion", "fail": "failure"}.get(self.call, self.call)
+
+
+class Spool:
+    """A folder of result calls, in order, owned by one live worker process at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        while True:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = _try_lock(self.folder)
+            except _Vanished:
+                continue  # adopted as an orphan between mkdir and lock: make it again
+            break
+        if lock is None:
+            raise SpoolBusy(
+                f"the spool folder {self.folder} is held by another live worker process; "
+                "give each worker its own --worker-id"
+            )
+        self._lock_file: IO[str] | None = lock
+        self._mutex = threading.Lock()
+        entries = _read_entries(self.folder)
+        self._next_sequence = entries[-1].sequence + 1 if entries else 1
+
+    def __len__(self) -> int:
+        return len(_entry_paths(self.folder))
+
+    def append(
+        self, call: ResultCall, trial_id: int, study_name: str, number: int,
+        body: BaseModel | dict[str, Any],
+    ) -> Entry:
+        """Write one call to disk (atomically and synced) and return its entry."""
+        payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+        with self._mutex:
+            sequence = self._next_sequence
+            self._next_sequence += 1
+        path = self.folder / f"{sequence:012d}-{call}.json"
+        document = {"call": call, "trial_id": trial_id, "study_name": study_name,
+                    "number": number, "body": payload}
+        _write_atomically(path, json.dumps(document, allow_nan=False))
+        return Entry(sequence, call, trial_id, study_name, number, payload, path)
+
+    def entries(self) -> list[Entry]:
+        """The waiting entries, oldest first."""
+        return _read_entries(self.folder)
+
+    def remove(self, entry: Entry) -> None:
+        entry.path.unlink(missing_ok=True)
+
+    def adopt_orphans(self) -> int:
+        """Take in the entries of spool folders whose worker is gone; returns how many.
+
+        A worker restarted without a fixed `--worker-id` gets a new id, and so a new
+        folder: the results its previous process left must not stay behind in the old one.
+        """
+        adopted = 0
+        for folder in sorted(self.folder.parent.iterdir()):
+            if folder == self.folder or not folder.is_dir():
+                continue
+            try:
+                lock = _try_lock(folder)
+            except _Vanished:
+                continue  # adopted by another worker starting at the same time
+            if lock is None:
+                continue  # a live worker's own spool
+            try:
+                for entry in _read_entries(folder):
+                    self.append(entry.call, entry.trial_id, entry.study_name, entry.number,
+                                entry.body)
+                    entry.path.unlink(missing_ok=True)
+                    adopted += 1
+                    logger.info("%s: %s left by worker %s taken into this worker's spool",
+                                entry.label, entry.what, folder.name)
+                (folder / LOCK_NAME).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # not empty: a damaged entry set aside
+                    folder.rmdir()
+            finally:
+                lock.close()
+        return adopted
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+
+@dataclass
+class Delivery:
+    """What the server has said, so far, about one leased trial's results."""
+
+    # The answer to the call just made, when it was delivered.
+    answer: protocol.Decision | protocol.Ack | None
+    # "prune" or "stop" when the server ended the trial on one of its reports.
+    ended: str | None = None
+    # The server refused a result with 409: the trial is no longer this worker's.
+    lease_lost: bool = False
+    # Entries still waiting in the spool, of any trial.
+    waiting: int = 0
+
+
+class Outbox:
+    """Delivers a spool's entries in order; results go through it, never around it."""
+
+    def __init__(
+        self, spool: Spool, client: WorkerClient,
+        on_recorded: Callable[[Entry, protocol.Ack], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.client = client
+        # Called with each completion or failure the server has recorded.
+        self.on_recorded = on_recorded
+        # What the server said about each lease: ended ("prune", "stop") or lost (409).
+        self._ended: dict[str, str] = {}
+        self._lost: set[str] = set()
+        self._unreachable_since: float | None = None
+        # The newest entry that was waiting when the server last failed to answer.
+        self._backlog_end = 0
+        # The server's last refusal of this worker's token, if the last pass met one.
+        self._unauthorised: ServerError | None = None
+        self._lock = threading.Lock()
+
+    def send(
+        self, call: ResultCall, trial: protocol.TrialAssignment, body: BaseModel
+    ) -> Delivery:
+        """Spool one result, then deliver what waits, once; never waits for the server."""
+        entry = self.spool.append(call, trial.trial_id, trial.study_name, trial.number, body)
+        answers = self.deliver()
+        return Delivery(
+            answer=answers.get(entry.sequence), ended=self._ended.get(trial.lease_id),
+            lease_lost=trial.lease_id in self._lost, waiting=len(self.spool),
+        )
+
+    def deliver(self) -> dict[int, protocol.Decision | protocol.Ack]:
+        """One pass over the spool, oldest first, stopping at the first call the server
+        does not answer; returns the answers by entry sequence."""
+        answers: dict[int, protocol.Decision | protocol.Ack] = {}
+        with self._lock:
+            self._unauthorised = None
+            entries = self.spool.entries()
+            for entry in entries:
+                if entry.call == "report" and entry.lease_id in self._ended:
+                    logger.info("%s: %s dropped: the server already ended the trial (%s)",
+                                entry.label, entry.what, self._ended[entry.lease_id])
+                    self.spool.remove(entry)
+                    continue
+                try:
+                    answer = self.client.send_result(entry.call, entry.trial_id, entry.body,
+                                                     patience_s=0)
+                except ServerUnreachable as error:
+                    self._note_unreachable(error, entries[-1].sequence)
+                    return answers
+                except LeaseLost as error:
+                    logger.warning("%s: %s dropped: %s", entry.label, entry.what, error)
+                    self._lost.add(entry.lease_id)
+                except ServerError as error:
+                    if error.unauthorised:
+                        # The token, not the result, is wrong: keep it for a worker that
+                        # has the right one.
+                        logger.error("%s: %s kept in the spool: %s", entry.label, entry.what,
+                                     error)
+                        self._unauthorised = error
+                        return answers
+                    logger.error("%s: %s refused by the server and dropped: %s", entry.label,
+                                 entry.what, error)
+                else:
+                    answers[entry.sequence] = answer
+                    self._recorded(entry, answer)
+                self.spool.remove(entry)
+            if self._unreachable_since is not None:
+                logger.info("server answers again after %.1f s; every spooled result is "
+                            "delivered", time.monotonic() - self._unreachable_since)
+                self._unreachable_since = None
+        return answers
+
+    def drain(self, stop: threading.Event) -> bool:
+        """Deliver until the spool is empty, pausing longer after each failed pass; False
+        when `stop` was set first. Raises `ServerError` when the server refuses the
+        worker's token: waiting would not help, and the entries stay for a later start."""
+        delay_s = FIRST_RETRY_DELAY_S
+        while True:
+            self.deliver()
+            if len(self.spool) == 0:
+                return True
+            if self._unauthorised is not None:
+                raise self._unauthorised
+            if stop.wait(delay_s):
+                return False
+            delay_s = min(delay_s * 2, MAX_RETRY_DELAY_S)
+
+    def _recorded(self, entry: Entry, answer: protocol.Decision | protocol.Ack) -> None:
+        if entry.sequence <= self._backlog_end:
+            logger.info("%s: spooled %s delivered", entry.label, entry.what)
+        if isinstance(answer, protocol.Decision):
+            if answer.action != "continue":
+                self._ended[entry.lease_id] = answer.action
+            return
+        if self.on_recorded is not None:
+            self.on_recorded(entry, answer)
+
+    def _note_unreachable(self, error: ServerUnreachable, newest: int) -> None:
+        self._backlog_end = newest
+        if self._unreachable_since is None:
+            self._unreachable_since = time.monotonic()
+            logger.warning("server unreachable (%s): %d results wait in the spool at %s; "
+                           "training goes on and they are delivered when it answers",
+                           error, len(self.spool), self.spool.folder)
+        else:
+            logger.debug("server still unreachable: %s", error)
+
+
+class _Vanished(Exception):
+    """The folder or its lock file was removed (adopted) while being locked."""
+
+
+def _try_lock(folder: Path) -> IO[str] | None:
+    """An exclusive lock on the folder's lock file, or None when a live process holds it.
+
+    The lock goes with the process: the kernel releases it when the process dies, however
+    it dies, so a folder whose lock can be taken has no live owner. An adopter removes the
+    lock file and the folder while holding the lock, so a lock taken on a file that is no
+    longer the folder's lock file is worthless: `_Vanished` says to start again.
+    """
+    path = folder / LOCK_NAME
+    try:
+        handle = path.open("a")
+    except FileNotFoundError:
+        raise _Vanished(folder) from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    try:
+        same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:
+        handle.close()
+        raise _Vanished(folder)
+    return handle
+
+
+def _entry_paths(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.glob("*.json") if not path.name.startswith("."))
+
+
+def _read_entries(folder: Path) -> list[Entry]:
+    entries = []
+    for path in _entry_paths(folder):
+        try:
+            document = json.loads(path.read_text())
+            entries.append(Entry(
+                sequence=int(path.name.split("-", 1)[0]), call=document["call"],
+                trial_id=int(document["trial_id"]), study_name=str(document["study_name"]),
+                number=int(document["number"]), body=dict(document["body"]), path=path,
+            ))
+        except FileNotFoundError:
+            continue  # delivered (or adopted) by another thread since the listing
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            # Entries are written whole (temporary file, then rename), so this is damage
+            # from outside; keep the file for a person to read, out of the delivery order.
+            damaged = path.with_name(f".{path.name}.damaged")
+            os.replace(path, damaged)
+            logger.error("spool entry %s cannot be read (%s); set aside as %s", path, error,
+                         damaged)
+    return entries
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -212,16 +212,18 @@ def report(
 
 @workers.post("/trials/{trial_id}/complete")
 def complete(
-    trial_id: RowId, body: protocol.CompleteRequest, session: SessionDep, bridge: BridgeDep
+    trial_id: RowId, body: protocol.CompleteRequest, session: SessionDep, bridge: BridgeDep,
+    settings: SettingsDep,
 ) -> protocol.Ack:
-    return domain.complete(session, bridge, trial_id, body)
+    return domain.complete(session, bridge, settings, trial_id, body)
 
 
 @workers.post("/trials/{trial_id}/fail")
 def fail(
-    trial_id: RowId, body: protocol.FailRequest, session: SessionDep, bridge: BridgeDep
+    trial_id: RowId, body: protocol.FailRequest, session: SessionDep, bridge: BridgeDep,
+    settings: SettingsDep,
 ) -> protocol.Ack:
-    return domain.fail(session, bridge, trial_id, body)
+    return domain.fail(session, bridge, settings, trial_id, body)
 
 
 @studies.post("/schedule/preview", dependencies=[Depends(require("read"))])

@@ -289,6 +289,7 @@ def heartbeat(
     session: Session, settings: ServerSettings, trial_id: int, body: protocol.HeartbeatRequest
 ) -> protocol.Decision:
     trial = _locked_trial(session, trial_id)
+    _take_back_lapsed_lease(session, settings, trial, body.lease_id)
     if trial.state != models.RUNNING or trial.lease_id != body.lease_id:
         return protocol.Decision(action="stop", reason=_lost_reason(trial))
     now = db_now(session)
@@ -313,6 +314,7 @@ def report(
     if recorded is not None:
         # A repeated report (after a timeout, a retry) gets the answer the first one got.
         return protocol.Decision(action=recorded.decision, reason="already recorded")
+    _take_back_lapsed_lease(session, settings, trial, body.lease_id)
     _require_lease(trial, body.lease_id)
 
     now = db_now(session)
@@ -350,9 +352,11 @@ def report(
 
 
 def complete(
-    session: Session, bridge: OptunaBridge, trial_id: int, body: protocol.CompleteRequest
+    session: Session, bridge: OptunaBridge, settings: ServerSettings, trial_id: int,
+    body: protocol.CompleteRequest,
 ) -> protocol.Ack:
     trial = _locked_trial(session, trial_id)
+    _take_back_lapsed_lease(session, settings, trial, body.lease_id)
     if trial.lease_id == body.lease_id and trial.state in models.FINAL_TRIAL_STATES:
         return protocol.Ack(recorded=True, state=trial.state)
     _require_lease(trial, body.lease_id)
@@ -372,11 +376,15 @@ def complete(
 
 
 def fail(
-    session: Session, bridge: OptunaBridge, trial_id: int, body: protocol.FailRequest
+    session: Session, bridge: OptunaBridge, settings: ServerSettings, trial_id: int,
+    body: protocol.FailRequest,
 ) -> protocol.Ack:
     trial = _locked_trial(session, trial_id)
-    if trial.lease_id == body.lease_id and trial.state != models.RUNNING:
+    if trial.lease_id == body.lease_id and trial.state in models.FINAL_TRIAL_STATES:
         return protocol.Ack(recorded=True, state=trial.state)
+    if body.retryable and trial.lease_id == body.lease_id and trial.state == models.QUEUED:
+        return protocol.Ack(recorded=True, state=trial.state)  # handed back already
+    _take_back_lapsed_lease(session, settings, trial, body.lease_id)
     _require_lease(trial, body.lease_id)
     now = db_now(session)
     spec = _spec(trial.study)
@@ -489,8 +497,8 @@ def _retry_or_fail(
     trial.infra_losses += 1
     if trial.infra_losses <= spec.max_retries:
         # Same Optuna trial, same parameters: the sampler sees one trial, not two.
+        # worker_id and lease_id stay: the last holder may yet deliver what it ran.
         trial.state = models.QUEUED
-        trial.worker_id = None
         trial.lease_expires_at = None
         trial.error = reason
         _release_worker(session, trial)
@@ -564,6 +572,20 @@ def _release_worker(session: Session, trial: Trial) -> None:
     worker = session.get(Worker, trial.worker_id)
     if worker is not None and worker.trial_id == trial.id:
         worker.trial_id = None
+
+
+def _take_back_lapsed_lease(
+    session: Session, settings: ServerSettings, trial: Trial, lease_id: str
+) -> None:
+    """A worker that was cut off past its lease may still hold the trial's last lease:
+    while no other worker has claimed the trial, its results are taken, not redone."""
+    if trial.state != models.QUEUED or trial.lease_id != lease_id:
+        return
+    now = db_now(session)
+    trial.state = models.RUNNING
+    trial.lease_expires_at = now + dt.timedelta(seconds=settings.lease_s)
+    logger.info("trial %d of study %r: the holder of its lapsed lease is back; taken back",
+                trial.number, trial.study.name)
 
 
 def _require_lease(trial: Trial, lease_id: str) -> None:

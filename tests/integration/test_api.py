@@ -416,3 +416,21 @@ def test_the_last_epoch_is_never_pruned(client: TestClient) -> None:
 
     # The same worse-than-median value at epoch 1 would have been pruned.
     assert (first, last, finished["state"]) == ("continue", "continue", "complete")
+
+
+def test_holder_of_a_lapsed_lease_is_taken_back_while_nobody_else_claimed(
+    database_url: str,
+) -> None:
+    with make_client(database_url, lease_s=0.3, sweep_interval_s=0.1) as client:
+        submit(client, n_trials=1, parallelism=1)
+        cut_off = claim(client, "far-away")
+        time.sleep(1.0)  # the sweeper finds the lapse and queues the trial again
+        queued = client.get("/api/v1/studies/s/trials/0").json()
+        late_report = report(client, cut_off, 1, 0.3)
+        late_complete = complete(client, cut_off, 0.3)
+        final = client.get("/api/v1/studies/s/trials/0").json()
+
+    assert queued["state"] == "queued"
+    assert late_report.status_code == 200, late_report.text
+    assert late_complete.json() == {"recorded": True, "state": "complete"}
+    assert final["value"] == 0.3 and final["infra_losses"] == 1

@@ -4,6 +4,7 @@
     /dashboard/studies/{name}                   one study: table, charts, exports
     /dashboard/studies/{name}/trials/{number}   one trial: LR and momentum per step, curves
     /dashboard/workers                          workers and the health of their leases
+    /dashboard/preview                          a CyclicLR schedule drawn before it runs
     /dashboard/api/...                          what those pages fetch and poll
 
 Each page's first response carries its data embedded as JSON, so it shows something at
@@ -34,13 +35,15 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session
 
-from clrsearch.spec import StudySpec
+from clrsearch.spec import CyclicParams, StudySpec
 from service import domain, views
 from service.db import unit_of_work
-from service.errors import NotFound, Unauthorized
+from service.errors import InvalidRequest, NotFound, Unauthorized
 from service.optuna_bridge import OptunaBridge
+from service.preview import PreviewRequest, SchedulePreview, preview_schedule
 from service.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -128,7 +131,8 @@ def trial_page(request: Request, name: str, number: int) -> Response:
     def build(session: Session) -> dict[str, Any]:
         trial = domain.get_trial(session, name, number, max_points=TRACE_POINTS)
         study = domain.get_study(session, name)
-        return {"trial": trial.model_dump(mode="json"),
+        # The task lets the page ask for the predicted schedule of a trial not yet run.
+        return {"trial": trial.model_dump(mode="json"), "task": study.spec["task"],
                 "objective": study.objective, "direction": study.direction}
 
     return _page(request, "trial.html", f"{name} · trial {number}", build,
@@ -145,6 +149,12 @@ def workers_page(request: Request) -> Response:
                 "lease_s": settings.lease_s, "heartbeat_s": settings.heartbeat_s}
 
     return _page(request, "workers.html", "Workers", build)
+
+
+@pages.get("/dashboard/preview", response_class=HTMLResponse)
+def preview_page(request: Request) -> Response:
+    """A form for CyclicLR settings and a task, drawn by the schedule preview endpoint."""
+    return _page(request, "preview.html", "Schedule preview", lambda session: {})
 
 
 def _page(
@@ -270,6 +280,39 @@ def export_json(request: Request, name: str) -> JSONResponse:
         {"study": name, "trials": rows},
         headers={"Content-Disposition": f'attachment; filename="{name}-trials.json"'},
     )
+
+
+class SpecPreviewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    spec: StudySpec
+    # As for POST /api/v1/schedule/preview: imagefolder data needs it.
+    batches_per_epoch: int | None = Field(None, ge=1, le=10_000_000)
+    max_points: int = Field(2000, ge=2, le=100_000)
+
+
+class SpecPreview(BaseModel):
+    """The schedule a spec's centre trial would run, and those settings."""
+
+    params: CyclicParams
+    preview: SchedulePreview
+
+
+@data.post("/preview/spec")
+def preview_spec(body: SpecPreviewRequest) -> SpecPreview:
+    """Preview a study spec before it is submitted, at the centre of its space."""
+    try:
+        params = views.spec_centre(body.spec)
+    except ValidationError as error:  # a centre the per-trial rules refuse
+        raise InvalidRequest("; ".join(
+            f"{'.'.join(map(str, item['loc'])) or 'params'}: {item['msg']}"
+            for item in error.errors()
+        )) from error
+    preview = preview_schedule(PreviewRequest(
+        params=params, task=body.spec.task, batches_per_epoch=body.batches_per_epoch,
+        max_points=body.max_points,
+    ))
+    return SpecPreview(params=params, preview=preview)
 
 
 @data.get("/workers")

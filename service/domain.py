@@ -47,6 +47,10 @@ from service.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRACE_POINTS = 2000
+# Study summaries count the search's own trials against the budget, and the comparison
+# runs (baselines, the range test) apart.
+SEARCH_KINDS = ("cyclic",)
+OTHER_KINDS = ("baseline", "range_test")
 
 
 # -- studies ------------------------------------------------------------------------------
@@ -84,10 +88,13 @@ def create_study(session: Session, bridge: OptunaBridge, spec: StudySpec) -> Stu
 
 def list_studies(session: Session) -> list[StudySummary]:
     studies = session.scalars(select(Study).order_by(Study.id)).all()
-    counts = _counts_by_study(session, [study.id for study in studies])
+    ids = [study.id for study in studies]
+    counts = _counts_by_study(session, ids, SEARCH_KINDS)
+    others = _counts_by_study(session, ids, OTHER_KINDS)
     best = _best_values(session, studies)
     return [
-        _study_summary(study, counts.get(study.id, TrialCounts()), best.get(study.id))
+        _study_summary(study, counts.get(study.id, TrialCounts()),
+                       others.get(study.id, TrialCounts()), best.get(study.id))
         for study in studies
     ]
 
@@ -661,14 +668,20 @@ def _pruner_name(spec: StudySpec) -> str:
     return f"{pruner if isinstance(pruner, str) else pruner.name} pruner"
 
 
-def _counts_by_study(session: Session, study_ids: Sequence[int]) -> dict[int, TrialCounts]:
+def _counts_by_study(
+    session: Session, study_ids: Sequence[int], kinds: Sequence[str] | None = None
+) -> dict[int, TrialCounts]:
+    """Trials per state for each study, of the given kinds (all kinds when None)."""
     if not study_ids:
         return {}
-    rows = session.execute(
+    query = (
         select(Trial.study_id, Trial.state, func.count())
         .where(Trial.study_id.in_(study_ids))
         .group_by(Trial.study_id, Trial.state)
-    ).all()
+    )
+    if kinds is not None:
+        query = query.where(Trial.kind.in_(kinds))
+    rows = session.execute(query).all()
     tallies: dict[int, Counter[str]] = {}
     for study_id, state, count in rows:
         tallies.setdefault(study_id, Counter())[state] = count
@@ -702,7 +715,9 @@ def _best_values(session: Session, studies: Sequence[Study]) -> dict[int, float]
     return best
 
 
-def _study_summary(study: Study, counts: TrialCounts, best: float | None) -> StudySummary:
+def _study_summary(
+    study: Study, counts: TrialCounts, other_counts: TrialCounts, best: float | None
+) -> StudySummary:
     spec = study.spec
     pruner = spec["pruner"]
     return StudySummary(
@@ -710,15 +725,17 @@ def _study_summary(study: Study, counts: TrialCounts, best: float | None) -> Stu
         objective=spec["objective"], direction=study.direction, sampler=spec["sampler"],
         pruner=pruner if isinstance(pruner, str) else pruner["name"],
         n_trials=study.n_trials, parallelism=study.parallelism, counts=counts,
+        other_counts=other_counts,
         best_value=best, created_at=study.created_at, updated_at=study.updated_at,
     )
 
 
 def _study_detail(session: Session, study: Study) -> StudyDetail:
     session.flush()
-    counts = _counts_by_study(session, [study.id]).get(study.id, TrialCounts())
+    counts = _counts_by_study(session, [study.id], SEARCH_KINDS).get(study.id, TrialCounts())
+    others = _counts_by_study(session, [study.id], OTHER_KINDS).get(study.id, TrialCounts())
     best = _best_trial_row(session, study)
-    summary = _study_summary(study, counts, best.value if best else None)
+    summary = _study_summary(study, counts, others, best.value if best else None)
     return StudyDetail(
         **summary.model_dump(), spec=study.spec,
         best_trial=_trial_summary(best) if best else None,

@@ -45,7 +45,9 @@ class StudySummary(BaseModel):
     pruner: str
     n_trials: int
     parallelism: int
+    # The search's trials (counted against n_trials); baselines and the range test apart.
     counts: TrialCounts
+    other_counts: TrialCounts = TrialCounts()
     best_value: float | None
     created_at: dt.datetime
     updated_at: dt.datetime

@@ -9,6 +9,9 @@ Trials of kind "baseline" (a fixed or other non-cyclic schedule, run for compari
 kept out of everything that is about the CyclicLR search itself (history, curves, LR
 schedules, parallel coordinates) and appear only in the trial table, the exports and
 the comparison chart.
+
+The schedule preview of a whole spec (`spec_centre`) is here too: it reads no table, but
+it is the dashboard's own question, answered with the server's own rules.
 """
 
 from __future__ import annotations
@@ -23,11 +26,18 @@ from pydantic import BaseModel
 from sqlalchemy import ColumnElement, DateTime, Float, func, literal, select
 from sqlalchemy.orm import Session
 
-from clrsearch.spec import CyclicParams, FloatRange, StudySpec, searched_params
+from clrsearch.spec import (
+    CyclicParams,
+    FloatRange,
+    StudySpec,
+    geometric_centre,
+    searched_params,
+)
 from service import domain, models
 from service.db import db_now, is_sqlite
 from service.errors import InvalidRequest, NotFound
 from service.models import Study, Trial, TrialEpoch, Worker
+from service.optuna_bridge import suggest_params
 from service.schemas import StudyDetail
 from service.settings import ServerSettings
 
@@ -391,6 +401,31 @@ def importance_spec(session: Session, name: str) -> tuple[StudySpec, int]:
         select(func.count()).where(_searched(study), Trial.state == models.COMPLETE)
     ) or 0
     return StudySpec.model_validate(study.spec), complete
+
+
+# -- schedule previews --------------------------------------------------------------------
+
+
+def spec_centre(spec: StudySpec) -> CyclicParams:
+    """The trial at the centre of a spec's space: each range at its geometric centre (the
+    midpoint when it reaches 0 or below), each choice at its first option.
+
+    The values go through the sampler's own mapping (`suggest_params`), so the preview is
+    a point the search can really draw: base_lr derived from lr_ratio, gamma applied only
+    to exp_range, exactly as a trial gets them.
+    """
+    return suggest_params(_CentreTrial(), spec.space)  # type: ignore[arg-type]
+
+
+class _CentreTrial:
+    """Answers `suggest_params`'s questions with the centre of each range, asking no
+    sampler: the two methods it calls, with Optuna's signatures."""
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        return geometric_centre(FloatRange(low=low, high=high, log=log))
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        return choices[0]
 
 
 # -- exports ------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ SPEC = {
     "space": {"mode": ["triangular", "triangular2"],
               "max_lr": {"low": 0.01, "high": 1.0, "log": True}},
     "task": {"epochs": 10},
+    # An LR range test first, so that the study page shows its curve and bounds.
+    "lr_bounds": "auto",
     "n_trials": 40,
     "parallelism": 2,
     "sampler_seed": 0,
@@ -104,6 +106,8 @@ def photograph(url: str) -> None:
         page.goto(f"{url}/dashboard/studies/{STUDY}?page_size=12")
         expect(page.locator("#chart-importances .row").first).to_be_visible(timeout=60_000)
         expect(page.locator("#chart-parallel")).to_have_attribute("data-lines", re.compile(r"\d+"))
+        expect(page.locator("#chart-range-test")).to_have_attribute(
+            "data-markers", "base_lr,max_lr,loss_minimum_lr")
         page.wait_for_timeout(500)
         page.screenshot(path=HERE / "study.png", full_page=True)
 

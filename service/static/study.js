@@ -75,7 +75,9 @@
       { key: "number", label: "#", cell: (t) => [el("a", { href: clr.trialUrl(name, t.number),
         text: t.number }), t.kind === "cyclic" ? null : [" ", clr.badge(t.kind)]] },
       { key: "state", label: "state", cell: (t) => clr.badge(t.state) },
-      { key: "value", label: live.study.objective, num: true, cell: (t) => num(t.value) },
+      // A range test's value is the max_lr it suggests, not an objective.
+      { key: "value", label: live.study.objective, num: true, cell: (t) =>
+        (t.kind === "range_test" && t.value !== null ? `max_lr ${num(t.value)}` : num(t.value)) },
       ...live.param_columns.map((param) => ({
         key: `params.${param}`, label: param, num: true, cell: (t) => num(t.params[param]),
       })),
@@ -306,6 +308,27 @@
     return Object.entries(params).map(([key, value]) => `${key} ${num(value)}`).join(", ");
   }
 
+  // -- the LR range test -----------------------------------------------------------------
+
+  // Every study with lr_bounds "auto" gets its range-test trial when it is created, so the
+  // spec says whether there is one without a request that would answer 404.
+  const hasRangeTest = live.study.spec.lr_bounds === "auto";
+  let rangeTestEnded = false;
+
+  async function loadRangeTest() {
+    if (!hasRangeTest || rangeTestEnded) return;
+    const view = await api(`/api/v1/studies/${clr.enc(name)}/range-test?max_points=1000`);
+    // An ended range test never changes again: it is not fetched at later updates.
+    rangeTestEnded = ["complete", "failed", "stopped"].includes(view.state);
+    const link = byId("range-test-link");
+    link.textContent = `trial #${view.trial_number}`;
+    link.href = clr.trialUrl(name, view.trial_number);
+    clrCyclic.drawRangeTest("rangeTest", byId("chart-range-test"), view, {
+      state: byId("range-test-state"), note: byId("range-test-note"),
+      error: byId("range-test-error"),
+    });
+  }
+
   // -- parallel coordinates (drawn on a canvas: uPlot has no such chart) -----------------
 
   function drawParallel(box, data) {
@@ -421,10 +444,11 @@
 
   let lastComplete = -1;
 
-  // Learning curves change with every epoch reported; everything else on the page draws
-  // complete trials only, so it is fetched again only when another trial completes.
+  // Learning curves change with every epoch reported, and the range test until it ends;
+  // everything else on the page draws complete trials only, so it is fetched again only
+  // when another trial completes.
   async function loadCharts() {
-    const jobs = [loadCurves()];
+    const jobs = [loadCurves(), loadRangeTest()];
     if (live.study.counts.complete !== lastComplete) {
       lastComplete = live.study.counts.complete;
       jobs.push(loadHistory(), loadSchedules(), loadParallel(), loadComparison(),
@@ -445,6 +469,7 @@
     if (parallelData) drawParallel(byId("chart-parallel"), parallelData);
   });
 
+  byId("range-test-box").hidden = !hasRangeTest;
   renderHeader();
   renderTable();
   loadCharts().catch(showError);

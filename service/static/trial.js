@@ -1,6 +1,7 @@
 "use strict";
 // The trial page: the LR and momentum the worker applied at each step (recorded, not
-// recomputed), the per-epoch curves, and the trial's facts. Polls while the trial runs.
+// recomputed; before the first report, the schedule predicted for it, marked so), the
+// per-epoch curves, and the trial's facts. Polls while the trial runs.
 
 (() => {
   const { el, num, time, duration } = clr;
@@ -10,6 +11,7 @@
   const url = `/api/v1/studies/${clr.enc(trial.study_name)}/trials/${trial.number}` +
     "?max_points=5000";
   const FINAL = ["complete", "pruned", "failed", "stopped"];
+  const WAITING = ["queued", "running"];
 
   function render() {
     const state = byId("trial-state");
@@ -21,7 +23,8 @@
     const facts = [
       ["study", el("a", { href: clr.studyUrl(trial.study_name), text: trial.study_name })],
       ["kind", trial.kind],
-      [initial.objective, num(trial.value)],
+      // A range test's value is the max_lr it suggests, not an objective.
+      [trial.kind === "range_test" ? "suggested max_lr" : initial.objective, num(trial.value)],
       ["epochs run", trial.epochs_run],
       ["worker", trial.worker_id || "—"],
       ["attempts", trial.attempts],
@@ -42,32 +45,92 @@
   }
 
   function drawTrace() {
+    if (trial.kind === "range_test") return drawRangeTest();
     const trace = trial.lr_trace;
     const box = byId("chart-trace");
     const shown = trace.iterations.length;
+    if (awaitsFirstStep()) return drawPredicted(box);
+    showPredicted(false);
     byId("trace-note").textContent = shown < trace.total_steps
       ? `${trace.total_steps} steps, ${shown} shown (evenly thinned on the server)`
       : `${trace.total_steps} steps`;
     if (!shown) return clr.emptyChart("trace", box, "no epoch reported yet");
-    const withMomentum = trace.momentum.length === shown;
-    const series = [{ label: "iteration" },
-      { label: "learning rate", stroke: clr.palette[0], width: 1.5, scale: "lr",
-        points: { show: false } }];
-    const data = [trace.iterations, trace.lr];
-    if (withMomentum) {
-      series.push({ label: "momentum", stroke: clr.palette[1], width: 1.25, scale: "momentum",
-        points: { show: false } });
-      data.push(trace.momentum);
+    clrCyclic.drawSchedule("trace", box, trace);
+  }
+
+  // -- the predicted schedule of a trial not yet run --------------------------------------
+
+  // Asked for once: the prediction depends only on the trial's parameters and the task.
+  let predicted = null;
+
+  function awaitsFirstStep() {
+    return trial.kind === "cyclic" && WAITING.includes(trial.state) &&
+      !trial.lr_trace.iterations.length;
+  }
+
+  function showPredicted(on) {
+    byId("trace-title").textContent = on ? "LR and momentum at each optimizer step"
+      : "LR and momentum at each optimizer step, as run";
+    byId("trace-predicted").hidden = !on;
+  }
+
+  // The schedule the server predicts with the workers' own code, until the first report
+  // brings the recorded one.
+  async function drawPredicted(box) {
+    showPredicted(true);
+    if (!predicted) {
+      predicted = clrCyclic.preview({ params: trial.params, task: initial.task })
+        .then((schedule) => ({ schedule }), (error) => ({ error }));
     }
-    clr.chart("trace", box, {
-      scales: { x: { time: false } },
-      axes: [{ label: "iteration" },
-        { label: "learning rate", scale: "lr", size: 70,
-          values: (u, ticks) => ticks.map((tick) => num(tick, 3)) },
-        ...(withMomentum ? [{ label: "momentum", scale: "momentum", side: 1, size: 60,
-          grid: { show: false } }] : [])],
-      series,
-    }, data, `trace:${withMomentum}`);
+    const { schedule, error } = await predicted;
+    // A later update may have brought the recorded trace (or the end) meanwhile; it wins.
+    if (!awaitsFirstStep()) return;
+    const note = byId("trace-note");
+    if (error) {
+      if (error.status !== 422) predicted = null; // not a refusal: ask again next update
+      note.replaceChildren();
+      box.dataset.predicted = "no";
+      clr.emptyChart("trace", box, error.status === 422
+        ? `no prediction: ${error.message}` : `could not predict: ${error.message}`);
+      if (error.status === 422) {
+        box.firstChild.append(" (the ", clr.el("a", { href: previewUrl(), text:
+          "preview page" }), " takes batches per epoch)");
+      }
+      return;
+    }
+    const thinned = schedule.iterations.length < schedule.total_steps
+      ? `, ${schedule.iterations.length} shown` : "";
+    note.textContent = `${schedule.total_steps} steps (${schedule.batches_per_epoch} per ` +
+      `epoch), half cycles of ${schedule.step_size_up} and ${schedule.step_size_down} ` +
+      `iterations${thinned}`;
+    clrCyclic.drawSchedule("trace", box, schedule, "predicted (not yet run)");
+  }
+
+  // The preview page, filled in with this trial's parameters and task.
+  function previewUrl() {
+    const task = initial.task;
+    const fields = Object.assign({}, trial.params, { dataset: task.dataset,
+      epochs: task.epochs, batch_size: task.batch_size, optimizer: task.optimizer.name,
+      data_path: task.data_path });
+    const query = new URLSearchParams();
+    for (const [key, value] of Object.entries(fields)) {
+      if (value !== null && value !== undefined) query.set(key, String(value));
+    }
+    return `/dashboard/preview?${query}`;
+  }
+
+  // -- a range test's own page ------------------------------------------------------------
+
+  function drawRangeTest() {
+    byId("trace-box").hidden = true;
+    byId("range-test-box").hidden = false;
+    const result = trial.result || {};
+    // The trial page shows the error already, so the chart does not repeat it.
+    clrCyclic.drawRangeTest("rangeTest", byId("chart-range-test"), {
+      state: trial.state, lrs: result.lrs || [], losses: result.losses || [],
+      diverged: Boolean(result.diverged), base_lr: result.base_lr ?? null,
+      max_lr: result.max_lr ?? null, loss_minimum_lr: result.loss_minimum_lr ?? null,
+    }, { state: byId("range-test-state"), note: byId("range-test-note") });
   }
 
   function drawEpochs() {

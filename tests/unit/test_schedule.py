@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.optim.lr_scheduler import CyclicLR
 
 from clrsearch.spec import CyclicParams, OptimizerSpec
+from tests.reference import torch_cyclic_reference
 from worker.schedule import build_optimizer, build_scheduler, momentum_of
 
 MODES = ("triangular", "triangular2", "exp_range")
@@ -26,25 +26,6 @@ def reference_scale_fn(mode: str, gamma: float):
         "triangular2": lambda x: 1 / (2.0 ** (x - 1)),
         "exp_range": lambda x: gamma**x,
     }[mode]
-
-
-def reference_schedule(optimizer_name: str, steps: int, **cyclic_kwargs):
-    """LR and momentum applied at each step by a plain loop around torch's CyclicLR."""
-    weight = torch.nn.Parameter(torch.zeros(2))
-    if optimizer_name == "sgd":
-        optimizer = torch.optim.SGD([weight], lr=1.0, momentum=0.9)
-    else:
-        optimizer = torch.optim.AdamW([weight], lr=1.0)
-    scheduler = CyclicLR(optimizer, **cyclic_kwargs)
-    lrs, momentums = [], []
-    for _ in range(steps):
-        group = optimizer.param_groups[0]
-        lrs.append(group["lr"])
-        momentums.append(group["momentum"] if optimizer_name == "sgd" else group["betas"][0])
-        weight.grad = torch.ones_like(weight)
-        optimizer.step()
-        scheduler.step()
-    return lrs, momentums
 
 
 def built_schedule(optimizer_name: str, params: CyclicParams, batches_per_epoch: int, steps: int):
@@ -83,7 +64,7 @@ def test_built_scheduler_matches_torch_cyclic_lr_step_by_step(
     custom = {}
     if scale_mode is not None:
         custom = {"scale_fn": reference_scale_fn(mode, GAMMA), "scale_mode": scale_mode}
-    expected = reference_schedule(
+    expected = torch_cyclic_reference(
         optimizer_name,
         35,
         base_lr=0.01,
@@ -278,7 +259,7 @@ def test_any_iteration_params_give_torchs_schedule(max_lr, ratio, up, down, mode
         mode=mode,
         gamma=gamma,
     )
-    expected = reference_schedule(
+    expected = torch_cyclic_reference(
         "sgd",
         60,
         base_lr=max_lr / ratio,

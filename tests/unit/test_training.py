@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.optim.lr_scheduler import CyclicLR
 
 from clrsearch.protocol import EpochReport
 from clrsearch.spec import CyclicParams, OptimizerSpec, TaskSpec
+from tests.reference import torch_cyclic_reference
 from worker.data import DatasetCache, PreparedData
 from worker.training import EpochResult, TrainingDiverged, train_trial
 
@@ -57,25 +57,6 @@ def run(params=PARAMS, task=None, data=None, objective="val_loss", answers=None,
     return outcome, reported
 
 
-def torch_reference(optimizer_name, steps, **cyclic_kwargs):
-    """LR and momentum of each step from a plain loop around torch's CyclicLR."""
-    weight = torch.nn.Parameter(torch.zeros(2))
-    if optimizer_name == "sgd":
-        optimizer = torch.optim.SGD([weight], lr=1.0, momentum=0.9)
-    else:
-        optimizer = torch.optim.AdamW([weight], lr=1.0)
-    scheduler = CyclicLR(optimizer, **cyclic_kwargs)
-    lrs, momentums = [], []
-    for _ in range(steps):
-        group = optimizer.param_groups[0]
-        lrs.append(group["lr"])
-        momentums.append(group["momentum"] if optimizer_name == "sgd" else group["betas"][0])
-        weight.grad = torch.ones_like(weight)
-        optimizer.step()
-        scheduler.step()
-    return lrs, momentums
-
-
 # The loop's batches per epoch are ceil(40 / 8) = 5, so the epoch step sizes below are
 # 7 steps up and 3 down; the iteration step sizes are taken as they are.
 STEP_SIZES = {"epochs": ((1.4, 0.6), (7, 3)), "iterations": ((3, 5), (3, 5))}
@@ -110,7 +91,7 @@ def test_applied_lr_matches_torch_cyclic_lr_for_every_mode(
     custom = {}
     if scale_mode is not None:
         custom = {"scale_fn": SCALE_FUNCTIONS[mode], "scale_mode": scale_mode}
-    expected_lrs, expected_momentums = torch_reference(
+    expected_lrs, expected_momentums = torch_cyclic_reference(
         optimizer_name,
         20,
         base_lr=0.01,

@@ -1,26 +1,33 @@
 """Optuna, in one place: storage, samplers, pruners, ask, report, tell.
 
-Optuna's tables live apart from ours, because Optuna 5 uses generic table names and its
-own `alembic_version`: on PostgreSQL in the schema `optuna` of the same database, on
-SQLite in a second file beside ours (`clrsearch.db` -> `clrsearch-optuna.db`).
+Optuna's data lives apart from ours: on PostgreSQL in the schema `optuna` of the same
+database, on SQLite in a second file beside ours (`clrsearch.db` ->
+`clrsearch-optuna.db`), because a SQLite writer there would wait for our own open
+transaction.
 
-One `optuna.Study` object is kept per study for the life of the process: its cached
-storage holds finished trials in memory, which makes ask and report several times
-cheaper than loading the study for each request (DESIGN.md, "Facts about Optuna 5").
+Optuna keeps it as a journal (`SqlJournalBackend`): an ordered log of operations that
+each server process replays into memory, so ask, report and tell work on in-memory
+state plus one small query, while several server processes still share one study.
+One `optuna.Study` object is kept per study for the life of the process, so its
+sampler and pruner are built once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import optuna
+from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, event, text
 
 from clrsearch.spec import CyclicParams, CyclicSpace, FloatRange, StudySpec, searched_params
 from service.settings import normalise_database_url
@@ -28,6 +35,9 @@ from service.settings import normalise_database_url
 logger = logging.getLogger(__name__)
 
 OPTUNA_SCHEMA = "optuna"
+JOURNAL_TABLE = "optuna_journal"
+# Any fixed 64-bit number; it names the lock that keeps journal entries in order.
+JOURNAL_LOCK_KEY = 0x636C7273_6A726E6C
 
 
 def optuna_storage_location(database_url: str) -> tuple[str, dict[str, Any]]:
@@ -49,16 +59,91 @@ def optuna_storage_location(database_url: str) -> tuple[str, dict[str, Any]]:
 
 
 def prepare_optuna_storage(database_url: str) -> None:
-    """Create Optuna's schema (PostgreSQL) and let Optuna create or check its tables."""
+    """Create Optuna's schema (PostgreSQL) and the journal table Optuna's log lives in."""
     url, engine_kwargs = optuna_storage_location(database_url)
     if not url.startswith("sqlite"):
         engine = create_engine(url)
         with engine.begin() as connection:
             connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {OPTUNA_SCHEMA}"))
         engine.dispose()
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    storage.remove_session()
-    storage.engine.dispose()
+    backend = SqlJournalBackend(url, engine_kwargs)
+    backend.create_table()
+    backend.close()
+
+
+class SqlJournalBackend(BaseJournalBackend):
+    """Optuna's journal (its append-only log of operations) in a SQL table.
+
+    Optuna's `JournalStorage` keeps the studies in process memory and replays new log
+    entries before each operation, so an ask or a report costs one small SELECT (and one
+    INSERT when it writes) instead of the dozens of statements of its RDB storage.
+
+    Every server process reads the same log, so entries must become visible in number
+    order with no gaps: appends are serialised (an advisory lock on PostgreSQL; SQLite
+    has one writer anyway) and number their entries after the largest one committed.
+    """
+
+    def __init__(self, url: str, engine_kwargs: dict[str, Any]) -> None:
+        self._sqlite = url.startswith("sqlite")
+        self._engine = create_engine(url, **engine_kwargs)
+        if self._sqlite:
+            _one_writer_at_a_time(self._engine)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def create_table(self) -> None:
+        with self._engine.begin() as connection:
+            connection.execute(text(
+                f"CREATE TABLE IF NOT EXISTS {JOURNAL_TABLE} "
+                "(log_number BIGINT PRIMARY KEY, entry TEXT NOT NULL)"
+            ))
+
+    def read_logs(self, log_number_from: int) -> list[dict[str, Any]]:
+        with self._engine.connect() as connection:
+            rows = connection.execute(
+                text(f"SELECT entry FROM {JOURNAL_TABLE} WHERE log_number >= :first "
+                     "ORDER BY log_number"),
+                {"first": log_number_from},
+            ).scalars().all()
+        return [json.loads(row) for row in rows]
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        with self._engine.begin() as connection:
+            if not self._sqlite:
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                   {"key": JOURNAL_LOCK_KEY})
+            last = connection.execute(
+                text(f"SELECT COALESCE(MAX(log_number), -1) FROM {JOURNAL_TABLE}")
+            ).scalar_one()
+            connection.execute(
+                text(f"INSERT INTO {JOURNAL_TABLE} (log_number, entry) VALUES (:number, :entry)"),
+                [{"number": last + 1 + offset, "entry": json.dumps(log)}
+                 for offset, log in enumerate(logs)],
+            )
+
+
+@contextlib.contextmanager
+def optuna_storage(database_url: str) -> Iterator[optuna.storages.BaseStorage]:
+    """Optuna's storage of a clrsearch database, for tools and tests that inspect it."""
+    url, engine_kwargs = optuna_storage_location(database_url)
+    backend = SqlJournalBackend(url, engine_kwargs)
+    try:
+        yield optuna.storages.JournalStorage(backend)
+    finally:
+        backend.close()
+
+
+def _one_writer_at_a_time(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA busy_timeout=30000")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -190,13 +275,13 @@ class OptunaBridge:
 
     def __init__(self, database_url: str) -> None:
         url, engine_kwargs = optuna_storage_location(database_url)
-        self._storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        self._backend = SqlJournalBackend(url, engine_kwargs)
+        self._storage = optuna.storages.JournalStorage(self._backend)
         self._studies: dict[str, optuna.Study] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        self._storage.remove_session()
-        self._storage.engine.dispose()
+        self._backend.close()
 
     def create_study(self, spec: StudySpec) -> None:
         direction = "minimize" if spec.objective == "val_loss" else "maximize"

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from fastapi.testclient import TestClient
 
-from service.optuna_bridge import optuna_storage_location
+from service.optuna_bridge import optuna_storage
 from tests.integration.test_api import WORKER, claim, complete, make_client, report, submit
 
 
@@ -20,12 +20,8 @@ def client(database_url: str):
 
 
 def optuna_trial_count(database_url: str, study: str) -> int:
-    url, engine_kwargs = optuna_storage_location(database_url)
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    try:
+    with optuna_storage(database_url) as storage:
         return len(optuna.load_study(study_name=study, storage=storage).trials)
-    finally:
-        storage.engine.dispose()
 
 
 def test_baselines_run_first_and_never_reach_the_sampler(client: TestClient) -> None:

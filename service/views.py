@@ -542,11 +542,12 @@ def _stamp(session: Session, study: StudyDetail) -> str:
     latest_start = session.scalar(
         select(func.max(Trial.started_at)).where(Trial.study_id == study.id)
     )
-    counts = study.counts
-    return (
-        f"{study.state}:{counts.queued}.{counts.running}.{counts.complete}.{counts.pruned}."
-        f"{counts.failed}.{counts.stopped}:{newest_epoch}:{latest_start}"
+    tallies = ".".join(
+        str(getattr(counts, state))
+        for counts in (study.counts, study.other_counts)
+        for state in ("queued", "running", "complete", "pruned", "failed", "stopped")
     )
+    return f"{study.state}:{tallies}:{newest_epoch}:{latest_start}"
 
 
 def _trial_row(trial: Trial, now: dt.datetime) -> TrialRow:

@@ -449,8 +449,11 @@
   // when another trial completes.
   async function loadCharts() {
     const jobs = [loadCurves(), loadRangeTest()];
-    if (live.study.counts.complete !== lastComplete) {
-      lastComplete = live.study.counts.complete;
+    // Baselines count apart from the search's trials (other_counts), and a completed
+    // baseline changes the comparison chart.
+    const completed = live.study.counts.complete + live.study.other_counts.complete;
+    if (completed !== lastComplete) {
+      lastComplete = completed;
       jobs.push(loadHistory(), loadSchedules(), loadParallel(), loadComparison(),
         loadImportances());
     }

@@ -4,13 +4,13 @@ and returns its answer; the rules and the SQL live in `service.domain`."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, ValidationError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from clrsearch import protocol
 from clrsearch.spec import RangeTestSpec, StudySpec, TaskSpec
@@ -47,9 +47,8 @@ def _bridge(request: Request) -> OptunaBridge:
     return request.app.state.bridge
 
 
-def _session(request: Request) -> Iterator[Session]:
-    with unit_of_work(request.app.state.sessions) as session:
-        yield session
+def _sessions(request: Request) -> sessionmaker[Session]:
+    return request.app.state.sessions
 
 
 def _token_matches(given: str, expected: object) -> bool:
@@ -89,9 +88,11 @@ def require(role: Role) -> Callable[..., None]:
     return check
 
 
-# "function" scope: the transaction commits before the answer is sent, so a client never
-# sees a claim (or anything else) that another server process cannot read yet.
-SessionDep = Annotated[Session, Depends(_session, scope="function")]
+# Each route opens its unit of work itself and commits before it returns. A yield
+# dependency would commit after FastAPI has checked the answer, which it does on a
+# thread-pool thread: with every thread waiting for a lock this transaction holds, the
+# server would deadlock; and a client could see a claim other processes cannot read yet.
+SessionsDep = Annotated[sessionmaker[Session], Depends(_sessions)]
 BridgeDep = Annotated[OptunaBridge, Depends(_bridge)]
 SettingsDep = Annotated[ServerSettings, Depends(_settings)]
 
@@ -101,52 +102,59 @@ workers = APIRouter(prefix="/api/v1/worker", tags=["worker protocol"],
 
 
 @studies.post("/studies", status_code=201, dependencies=[Depends(require("admin"))])
-def create_study(spec: StudySpec, session: SessionDep, bridge: BridgeDep) -> StudyDetail:
+def create_study(spec: StudySpec, sessions: SessionsDep, bridge: BridgeDep) -> StudyDetail:
     """Submit a study; the answer holds the full spec with every default filled in."""
-    return domain.create_study(session, bridge, spec)
+    with unit_of_work(sessions) as session:
+        return domain.create_study(session, bridge, spec)
 
 
 @studies.get("/studies", dependencies=[Depends(require("read"))])
-def list_studies(session: SessionDep) -> list[StudySummary]:
-    return domain.list_studies(session)
+def list_studies(sessions: SessionsDep) -> list[StudySummary]:
+    with unit_of_work(sessions) as session:
+        return domain.list_studies(session)
 
 
 @studies.get("/studies/{name}", dependencies=[Depends(require("read"))])
-def get_study(name: StudyName, session: SessionDep) -> StudyDetail:
-    return domain.get_study(session, name)
+def get_study(name: StudyName, sessions: SessionsDep) -> StudyDetail:
+    with unit_of_work(sessions) as session:
+        return domain.get_study(session, name)
 
 
 @studies.post("/studies/{name}/stop", dependencies=[Depends(require("admin"))])
-def stop_study(name: StudyName, session: SessionDep, bridge: BridgeDep) -> StudyDetail:
+def stop_study(name: StudyName, sessions: SessionsDep, bridge: BridgeDep) -> StudyDetail:
     """Stop a study: queued trials end now, running ones at their next call."""
-    return domain.stop_study(session, bridge, name)
+    with unit_of_work(sessions) as session:
+        return domain.stop_study(session, bridge, name)
 
 
 @studies.get("/studies/{name}/trials", dependencies=[Depends(require("read"))])
 def list_trials(
     name: StudyName,
-    session: SessionDep,
+    sessions: SessionsDep,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     state: TrialState | None = None,
 ) -> TrialPage:
-    return domain.list_trials(session, name, offset=offset, limit=limit, state=state)
+    with unit_of_work(sessions) as session:
+        return domain.list_trials(session, name, offset=offset, limit=limit, state=state)
 
 
 @studies.get("/studies/{name}/best", dependencies=[Depends(require("read"))])
-def best_trial(name: StudyName, session: SessionDep) -> TrialSummary:
-    return domain.best_trial(session, name)
+def best_trial(name: StudyName, sessions: SessionsDep) -> TrialSummary:
+    with unit_of_work(sessions) as session:
+        return domain.best_trial(session, name)
 
 
 @studies.get("/studies/{name}/trials/{number}", dependencies=[Depends(require("read"))])
 def get_trial(
     name: StudyName,
     number: RowId,
-    session: SessionDep,
+    sessions: SessionsDep,
     max_points: Annotated[int, Query(ge=2, le=100_000)] = domain.DEFAULT_TRACE_POINTS,
 ) -> TrialDetail:
     """One trial with its per-epoch curve and the LR and momentum it ran at each step."""
-    return domain.get_trial(session, name, number, max_points)
+    with unit_of_work(sessions) as session:
+        return domain.get_trial(session, name, number, max_points)
 
 
 class RangeTestRequest(BaseModel):
@@ -158,7 +166,7 @@ class RangeTestRequest(BaseModel):
 
 
 @studies.post("/range-tests", status_code=201, dependencies=[Depends(require("admin"))])
-def create_range_test(body: RangeTestRequest, session: SessionDep,
+def create_range_test(body: RangeTestRequest, sessions: SessionsDep,
                       bridge: BridgeDep) -> StudyDetail:
     """Run an LR range test on its own: a study of that name with the range test only.
     A worker runs it; read the curve and bounds at /studies/{name}/range-test."""
@@ -169,61 +177,69 @@ def create_range_test(body: RangeTestRequest, session: SessionDep,
         raise InvalidRequest("; ".join(
             f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()
         )) from error
-    return domain.create_study(session, bridge, spec)
+    with unit_of_work(sessions) as session:
+        return domain.create_study(session, bridge, spec)
 
 
 @studies.get("/studies/{name}/range-test", dependencies=[Depends(require("read"))])
 def get_range_test(
-    name: StudyName, session: SessionDep,
+    name: StudyName, sessions: SessionsDep,
     max_points: Annotated[int, Query(ge=2, le=100_000)] = domain.DEFAULT_TRACE_POINTS,
 ) -> RangeTestView:
     """The study's LR range test: smoothed loss against LR, and the bounds read off it."""
-    return domain.get_range_test(session, name, max_points)
+    with unit_of_work(sessions) as session:
+        return domain.get_range_test(session, name, max_points)
 
 
 @studies.get("/workers", dependencies=[Depends(require("read"))])
-def list_workers(session: SessionDep) -> list[WorkerView]:
-    return domain.list_workers(session)
+def list_workers(sessions: SessionsDep) -> list[WorkerView]:
+    with unit_of_work(sessions) as session:
+        return domain.list_workers(session)
 
 
 @workers.post("/claim")
 def claim(
-    body: protocol.ClaimRequest, session: SessionDep, bridge: BridgeDep,
+    body: protocol.ClaimRequest, sessions: SessionsDep, bridge: BridgeDep,
     settings: SettingsDep,
 ) -> protocol.ClaimResponse:
-    return domain.claim(session, bridge, settings, body)
+    with unit_of_work(sessions) as session:
+        return domain.claim(session, bridge, settings, body)
 
 
 @workers.post("/trials/{trial_id}/heartbeat")
 def heartbeat(
-    trial_id: RowId, body: protocol.HeartbeatRequest, session: SessionDep,
+    trial_id: RowId, body: protocol.HeartbeatRequest, sessions: SessionsDep,
     settings: SettingsDep,
 ) -> protocol.Decision:
-    return domain.heartbeat(session, settings, trial_id, body)
+    with unit_of_work(sessions) as session:
+        return domain.heartbeat(session, settings, trial_id, body)
 
 
 @workers.post("/trials/{trial_id}/report")
 def report(
-    trial_id: RowId, body: protocol.EpochReport, session: SessionDep, bridge: BridgeDep,
+    trial_id: RowId, body: protocol.EpochReport, sessions: SessionsDep, bridge: BridgeDep,
     settings: SettingsDep,
 ) -> protocol.Decision:
-    return domain.report(session, bridge, settings, trial_id, body)
+    with unit_of_work(sessions) as session:
+        return domain.report(session, bridge, settings, trial_id, body)
 
 
 @workers.post("/trials/{trial_id}/complete")
 def complete(
-    trial_id: RowId, body: protocol.CompleteRequest, session: SessionDep, bridge: BridgeDep,
+    trial_id: RowId, body: protocol.CompleteRequest, sessions: SessionsDep, bridge: BridgeDep,
     settings: SettingsDep,
 ) -> protocol.Ack:
-    return domain.complete(session, bridge, settings, trial_id, body)
+    with unit_of_work(sessions) as session:
+        return domain.complete(session, bridge, settings, trial_id, body)
 
 
 @workers.post("/trials/{trial_id}/fail")
 def fail(
-    trial_id: RowId, body: protocol.FailRequest, session: SessionDep, bridge: BridgeDep,
+    trial_id: RowId, body: protocol.FailRequest, sessions: SessionsDep, bridge: BridgeDep,
     settings: SettingsDep,
 ) -> protocol.Ack:
-    return domain.fail(session, bridge, settings, trial_id, body)
+    with unit_of_work(sessions) as session:
+        return domain.fail(session, bridge, settings, trial_id, body)
 
 
 @studies.post("/schedule/preview", dependencies=[Depends(require("read"))])

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import TimeoutError as SqlTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import ClrsearchError, InvalidRequest
@@ -40,7 +41,10 @@ def make_engine(url: str) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # Up to 40 connections: as many as the thread pool that runs sync routes has threads,
+    # so a request never waits for a connection held by one that waits for a thread.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30,
+                         pool_timeout=10)
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -77,6 +81,11 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
         # a number out of the column's range): the client's mistake, not ours.
         raise InvalidRequest(
             f"a value in the request cannot be stored: {str(error.orig).splitlines()[0]}"
+        ) from error
+    except SqlTimeoutError as error:
+        session.rollback()
+        raise DatabaseUnavailable(
+            "every database connection of this server is busy; retry shortly"
         ) from error
     except OperationalError as error:
         session.rollback()

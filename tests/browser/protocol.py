@@ -6,6 +6,7 @@ parameters, so the charts get the shapes they would get from a real worker.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,3 +88,28 @@ def triangular_lrs(params: dict[str, Any], epoch: int) -> list[float]:
         rise = position / up if position < up else 1 - (position - up) / down
         lrs.append(low + (high - low) * rise)
     return lrs
+
+
+def add_baseline_run(
+    session: Any, study_name: str, losses: tuple[float, ...], now: dt.datetime
+) -> None:
+    """A complete fixed-LR run written straight into the database, as a baseline would be."""
+    from sqlalchemy import select
+
+    from service.models import Study, Trial, TrialEpoch
+
+    study_id = session.scalar(select(Study.id).where(Study.name == study_name))
+    trial = Trial(
+        study_id=study_id, number=1000, kind="baseline", state="complete",
+        params={"schedule": "fixed", "lr": 0.05}, value=losses[-1], attempts=1,
+        epochs_run=len(losses), created_at=now, started_at=now, finished_at=now,
+    )
+    session.add(trial)
+    session.flush()
+    for epoch, loss in enumerate(losses, start=1):
+        session.add(TrialEpoch(
+            trial_id=trial.id, epoch=epoch, iterations=epoch * STEPS_PER_EPOCH,
+            train_loss=loss, val_loss=loss, val_accuracy=0.5, duration_s=0.5,
+            lrs=[0.05] * STEPS_PER_EPOCH, momentums=[0.9] * STEPS_PER_EPOCH,
+            decision="continue", created_at=now,
+        ))

@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from service.models import Study, Trial, TrialEpoch
-from tests.browser.protocol import STEPS_PER_EPOCH, Server
+from tests.browser.protocol import STEPS_PER_EPOCH, Server, add_baseline_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -285,25 +284,10 @@ def test_baseline_chart_appears_once_the_study_has_a_baseline_run(
 
 
 def insert_baseline(database_url: str, study_name: str, losses: tuple[float, ...]) -> None:
-    """A complete fixed-LR run written straight into the database, as a baseline would be."""
     engine = create_engine(database_url)
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     with Session(engine) as session, session.begin():
-        study_id = session.scalar(select(Study.id).where(Study.name == study_name))
-        trial = Trial(
-            study_id=study_id, number=1000, kind="baseline", state="complete",
-            params={"schedule": "fixed", "lr": 0.05}, value=losses[-1], attempts=1,
-            epochs_run=len(losses), created_at=now, started_at=now, finished_at=now,
-        )
-        session.add(trial)
-        session.flush()
-        for epoch, loss in enumerate(losses, start=1):
-            session.add(TrialEpoch(
-                trial_id=trial.id, epoch=epoch, iterations=epoch * STEPS_PER_EPOCH,
-                train_loss=loss, val_loss=loss, val_accuracy=0.5, duration_s=0.5,
-                lrs=[0.05] * STEPS_PER_EPOCH, momentums=[0.9] * STEPS_PER_EPOCH,
-                decision="continue", created_at=now,
-            ))
+        add_baseline_run(session, study_name, losses, now)
     engine.dispose()
 
 

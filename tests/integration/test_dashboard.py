@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from service.app import create_app
 from service.db import db_now, unit_of_work
-from service.models import Study, Trial, TrialEpoch
+from service.models import Trial
 from service.settings import ServerSettings
-from tests.browser.protocol import STEPS_PER_EPOCH, FakeWorkers
+from tests.browser.protocol import STEPS_PER_EPOCH, FakeWorkers, add_baseline_run
 
 API = "/dashboard/api/studies"
 
@@ -282,24 +282,8 @@ def test_every_page_loads_scripts_and_styles_from_the_server_itself(sqlite_url: 
 
 
 def insert_baseline(client: TestClient, study_name: str, losses: tuple[float, ...]) -> None:
-    """A complete fixed-LR run written straight into the database, as a baseline would be."""
     with unit_of_work(client.app.state.sessions) as session:
-        now = db_now(session)
-        study_id = session.scalar(select(Study.id).where(Study.name == study_name))
-        trial = Trial(
-            study_id=study_id, number=1000, kind="baseline", state="complete",
-            params={"schedule": "fixed", "lr": 0.05}, value=losses[-1], attempts=1,
-            epochs_run=len(losses), created_at=now, started_at=now, finished_at=now,
-        )
-        session.add(trial)
-        session.flush()
-        for epoch, loss in enumerate(losses, start=1):
-            session.add(TrialEpoch(
-                trial_id=trial.id, epoch=epoch, iterations=epoch * STEPS_PER_EPOCH,
-                train_loss=loss, val_loss=loss, val_accuracy=0.5, duration_s=0.5,
-                lrs=[0.05] * STEPS_PER_EPOCH, momentums=[0.9] * STEPS_PER_EPOCH,
-                decision="continue", created_at=now,
-            ))
+        add_baseline_run(session, study_name, losses, db_now(session))
 
 
 def set_lease_left(client: TestClient, trial: dict[str, Any], seconds: float) -> None:

@@ -1,7 +1,8 @@
 """The dashboard at 10,000 trials: server time of the study page and of what it fetches.
 
     .venv/bin/python benchmarks/dashboard_10k.py                       # SQLite, ~1 min
-    .venv/bin/python benchmarks/dashboard_10k.py --database-url postgresql://postgres@127.0.0.1:5432/bench
+    .venv/bin/python benchmarks/dashboard_10k.py \
+        --database-url postgresql://postgres@127.0.0.1:5432/bench
 
 Two studies go into one fresh database in the same run: the baseline with 100 trials and
 the large one with 10,000. Both are submitted through the API (so Optuna knows them);

@@ -42,6 +42,18 @@ def environment_of(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
 
 
+def started_environment_of(pid: int, parents: dict[str, str], timeout_s: float = 20
+                           ) -> dict[str, str]:
+    """The child's environment once it has run its own program: between fork and exec,
+    /proc still shows the supervisor's environment."""
+    deadline = time.monotonic() + timeout_s
+    environment = environment_of(pid)
+    while environment == parents and time.monotonic() < deadline:
+        time.sleep(0.05)
+        environment = environment_of(pid)
+    return environment
+
+
 def catches(pid: int, signum: int) -> bool:
     """Whether the process has installed a handler for the signal (SigCgt in /proc)."""
     for line in (PROC / str(pid) / "status").read_text().splitlines():
@@ -74,7 +86,8 @@ def test_devices_all_pins_one_worker_per_device_and_restarts_a_killed_one(tmp_pa
     try:
         first = wait_for(lambda: (found := child_pids(supervisor.pid)) and len(found) == 2
                          and found, 30, "two worker processes", log)
-        seen = {pid: environment_of(pid) for pid in first}
+        parents = environment_of(supervisor.pid)
+        seen = {pid: started_environment_of(pid, parents) for pid in first}
         wait_healthy(url, server, log)
         # Both children are real workers: each polls the server under its own id.
         host = socket.gethostname()
@@ -88,7 +101,7 @@ def test_devices_all_pins_one_worker_per_device_and_restarts_a_killed_one(tmp_pa
         after = wait_for(lambda: (found := child_pids(supervisor.pid)) and len(found) == 2
                          and victim not in found and found, 30, "the restart", log)
         replacement = (after - first).pop()
-        replacement_environment = environment_of(replacement)
+        replacement_environment = started_environment_of(replacement, parents)
         # Stopped while still importing torch, it would die of the signal before its
         # handler exists, and nothing would show that it was passed on.
         wait_for(lambda: catches(replacement, signal.SIGTERM), 30,

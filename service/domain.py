@@ -564,6 +564,10 @@ def _complete_study_if_done(session: Session, study: Study, now: dt.datetime) ->
     session.flush()
     if study.state != models.STUDY_RUNNING:
         return
+    # Lock the study first: a claim holds this lock until its new trial is committed, so
+    # the counts below cannot miss a trial that a concurrent claim is adding (each of
+    # them is its own snapshot under READ COMMITTED).
+    session.execute(select(Study.id).where(Study.id == study.id).with_for_update())
     counts = _counts_by_study(session, [study.id]).get(study.id, TrialCounts())
     finished = counts.complete + counts.pruned + counts.failed + counts.stopped
     budget_spent = _cyclic_trial_count(session, study) >= study.n_trials

@@ -59,7 +59,7 @@ def test_digits_study_runs_to_completion_with_two_worker_processes(
 
     assert study["state"] == "complete", log.read_text()
     assert len(trials) == 4
-    assert all(trial["state"] in FINAL_STATES for trial in trials)
+    assert all(trial["state"] in FINAL_STATES for trial in trials), (trials, log.read_text())
     assert all(trial["error"] for trial in trials if trial["state"] == "failed")
     assert {trial["worker_id"] for trial in trials} <= {"w0", "w1"}
     assert best["state"] == "complete" and best["value"] == study["best_value"]

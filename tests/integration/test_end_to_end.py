@@ -16,6 +16,15 @@ pytestmark = pytest.mark.slow
 FINAL_STATES = {"complete", "pruned", "failed"}
 
 
+def start_two_workers(url: str, tmp_path, log) -> list:
+    """Worker processes w0 and w1 that leave after 3 s without work."""
+    return [
+        clrsearch("worker", "--server", url, "--worker-id", f"w{i}", "--threads", "1",
+                  "--max-idle-s", "3", "--data-dir", str(tmp_path / "data"), log=log)
+        for i in range(2)
+    ]
+
+
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres",
                                                             marks=pytest.mark.postgres)])
 def test_digits_study_runs_to_completion_with_two_worker_processes(
@@ -41,11 +50,7 @@ def test_digits_study_runs_to_completion_with_two_worker_processes(
         )
         assert submitted.returncode == 0, submitted.stderr
         assert "study e2e submitted" in submitted.stdout
-        workers = [
-            clrsearch("worker", "--server", url, "--worker-id", f"w{i}", "--threads", "1",
-                      "--max-idle-s", "3", "--data-dir", str(tmp_path / "data"), log=log)
-            for i in range(2)
-        ]
+        workers = start_two_workers(url, tmp_path, log)
 
         study = wait_for_study(url, "e2e", timeout_s=120)
         trials = httpx.get(f"{url}/api/v1/studies/e2e/trials", timeout=10).json()["trials"]
@@ -81,11 +86,7 @@ def test_range_test_baselines_and_search_run_on_real_workers(sqlite_url, tmp_pat
                 "baselines": {"schedules": ["fixed", "onecycle"]}, "pruner": "none",
                 "task": {"epochs": 2, "model": "mlp"}}
         assert httpx.post(f"{url}/api/v1/studies", json=spec, timeout=30).status_code == 201
-        workers = [
-            clrsearch("worker", "--server", url, "--worker-id", f"w{i}", "--threads", "1",
-                      "--max-idle-s", "3", "--data-dir", str(tmp_path / "data"), log=log)
-            for i in range(2)
-        ]
+        workers = start_two_workers(url, tmp_path, log)
         study = wait_for_study(url, "edge", timeout_s=120)
         trials = httpx.get(f"{url}/api/v1/studies/edge/trials", timeout=10).json()["trials"]
         range_test = httpx.get(f"{url}/api/v1/studies/edge/range-test", timeout=10).json()

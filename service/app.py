@@ -35,7 +35,7 @@ def create_app(settings: ServerSettings | None = None, migrate: bool = True) -> 
             await asyncio.to_thread(upgrade_database, settings.database_url)
         engine = make_engine(settings.database_url)
         app.state.sessions = make_sessionmaker(engine)
-        app.state.bridge = OptunaBridge(settings.database_url)
+        app.state.bridge = OptunaBridge(engine)
         sweeper = asyncio.create_task(_sweep_forever(app, settings.sweep_interval_s))
         logger.info("server ready on %s:%d", settings.host, settings.port)
         try:

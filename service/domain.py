@@ -7,6 +7,11 @@ commits once per request. Claims are serialised per study by a row lock on the s
 IMMEDIATE`, one writer at a time), so no study exceeds its parallelism or its trial
 budget whatever the number of workers and server processes. Leases are timed by the
 database clock.
+
+A function that may change Optuna's data (claim, report, complete, fail, stop, the lease
+sweep) first takes Optuna's journal (`OptunaBridge.lock_journal`), before any row lock:
+the journal is written in the same transaction, and taking it first means no two
+transactions ever wait for each other's locks.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ OTHER_KINDS = ("baseline", "range_test")
 
 
 def create_study(session: Session, bridge: OptunaBridge, spec: StudySpec) -> StudyDetail:
+    bridge.lock_journal(session)
     if session.scalar(select(Study.id).where(Study.name == spec.name)) is not None:
         raise StudyExists(
             f"a study named {spec.name!r} already exists; choose another name"
@@ -106,6 +112,7 @@ def get_study(session: Session, name: str) -> StudyDetail:
 def stop_study(
     session: Session, bridge: OptunaBridge, name: str, reason: str = "stopped by a person"
 ) -> StudyDetail:
+    bridge.lock_journal(session)
     study = _study_by_name(session, name, lock=True)
     if study.state == models.STUDY_RUNNING:
         _stop(session, bridge, study, db_now(session), reason)
@@ -217,6 +224,7 @@ def claim(
     session: Session, bridge: OptunaBridge, settings: ServerSettings,
     request: protocol.ClaimRequest,
 ) -> protocol.ClaimResponse:
+    bridge.lock_journal(session)
     now = db_now(session)
     _touch_worker(session, request, now)
 
@@ -314,6 +322,7 @@ def report(
     session: Session, bridge: OptunaBridge, settings: ServerSettings, trial_id: int,
     body: protocol.EpochReport,
 ) -> protocol.Decision:
+    bridge.lock_journal(session)
     trial = _locked_trial(session, trial_id)
     recorded = session.scalar(
         select(TrialEpoch).where(TrialEpoch.trial_id == trial.id, TrialEpoch.epoch == body.epoch)
@@ -362,6 +371,7 @@ def complete(
     session: Session, bridge: OptunaBridge, settings: ServerSettings, trial_id: int,
     body: protocol.CompleteRequest,
 ) -> protocol.Ack:
+    bridge.lock_journal(session)
     trial = _locked_trial(session, trial_id)
     _take_back_lapsed_lease(session, settings, trial, body.lease_id)
     if trial.lease_id == body.lease_id and trial.state in models.FINAL_TRIAL_STATES:
@@ -386,6 +396,7 @@ def fail(
     session: Session, bridge: OptunaBridge, settings: ServerSettings, trial_id: int,
     body: protocol.FailRequest,
 ) -> protocol.Ack:
+    bridge.lock_journal(session)
     trial = _locked_trial(session, trial_id)
     if trial.lease_id == body.lease_id and trial.state in models.FINAL_TRIAL_STATES:
         return protocol.Ack(recorded=True, state=trial.state)
@@ -404,6 +415,7 @@ def fail(
 
 def sweep_lapsed_leases(session: Session, bridge: OptunaBridge, now: dt.datetime) -> int:
     """Retry or fail every running trial whose lease has lapsed; returns how many."""
+    bridge.lock_journal(session)
     query = select(Trial).where(
         Trial.state == models.RUNNING, Trial.lease_expires_at < now
     )

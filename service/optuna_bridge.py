@@ -1,13 +1,18 @@
 """Optuna, in one place: storage, samplers, pruners, ask, report, tell.
 
-Optuna's data lives apart from ours: on PostgreSQL in the schema `optuna` of the same
-database, on SQLite in a second file beside ours (`clrsearch.db` ->
-`clrsearch-optuna.db`), because a SQLite writer there would wait for our own open
-transaction.
+Optuna keeps its data as a journal: an ordered log of operations (create a trial, set
+a parameter, report a value...) in one table of our own database, `optuna_journal`
+(in the schema `optuna` on PostgreSQL). Each server process replays the log into
+memory once and then only reads the lines other processes have added since.
 
-Optuna keeps it as a journal (`SqlJournalBackend`): an ordered log of operations that
-each server process replays into memory, so ask, report and tell work on in-memory
-state plus one small query, while several server processes still share one study.
+The journal is written in the request's own transaction, so a claim, a report or a
+completion changes our tables and Optuna's in one commit, or in none. Lines must be
+numbered in the order every process replays them, and Optuna numbers trials in
+that order, so a transaction that may write the journal takes the journal's lock
+first (`lock_journal`; PostgreSQL: a transaction-scoped advisory lock, SQLite: its one
+writer) and holds it to its commit: it reads what others added, lets Optuna work on
+memory, and writes its own lines in one INSERT.
+
 One `optuna.Study` object is kept per study for the life of the process, so its
 sampler and pruner are built once.
 """
@@ -21,13 +26,15 @@ import math
 import threading
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.orm import Session, SessionTransaction
 
 from clrsearch.spec import CyclicParams, CyclicSpace, FloatRange, StudySpec, searched_params
 from service.settings import normalise_database_url
@@ -36,98 +43,127 @@ logger = logging.getLogger(__name__)
 
 OPTUNA_SCHEMA = "optuna"
 JOURNAL_TABLE = "optuna_journal"
-# Any fixed 64-bit number; it names the lock that keeps journal entries in order.
+# Any fixed 64-bit number; it names the lock that keeps journal lines in order.
 JOURNAL_LOCK_KEY = 0x636C7273_6A726E6C
 
 
-def optuna_storage_location(database_url: str) -> tuple[str, dict[str, Any]]:
-    """Optuna's storage URL and engine arguments for our database URL."""
+def _is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def journal_table(database_url: str) -> str:
+    """The journal table's name as our own connections see it."""
     url = normalise_database_url(database_url)
-    if url.startswith("sqlite"):
-        if url in ("sqlite://", "sqlite:///:memory:"):
-            raise ValueError(
-                "an in-memory SQLite database cannot be shared with Optuna; "
-                "give CLRSEARCH_DATABASE_URL a file, e.g. sqlite:///clrsearch.db"
-            )
-        stem, dot, suffix = url.rpartition(".")
-        optuna_url = f"{stem}-optuna.{suffix}" if dot and "/" not in suffix else url + "-optuna"
-        return optuna_url, {"connect_args": {"timeout": 30}}
-    return url, {
-        "connect_args": {"options": f"-csearch_path={OPTUNA_SCHEMA}"},
-        "pool_pre_ping": True,
-    }
+    return JOURNAL_TABLE if _is_sqlite(url) else f"{OPTUNA_SCHEMA}.{JOURNAL_TABLE}"
+
+
+def _legacy_sqlite_journal(url: str) -> Path | None:
+    """Before version 0.2 the journal lived in a second SQLite file beside ours."""
+    if url in ("sqlite://", "sqlite:///:memory:"):
+        return None
+    path = Path(url.removeprefix("sqlite:///"))
+    return path.with_name(f"{path.stem}-optuna{path.suffix}")
 
 
 def prepare_optuna_storage(database_url: str) -> None:
-    """Create Optuna's schema (PostgreSQL) and the journal table Optuna's log lives in."""
-    url, engine_kwargs = optuna_storage_location(database_url)
-    if not url.startswith("sqlite"):
-        engine = create_engine(url)
+    """Create the journal table (and on PostgreSQL Optuna's schema) if missing.
+
+    A journal left by an earlier version in a second SQLite file is copied in once,
+    while our table is still empty; the old file is left where it is.
+    """
+    url = normalise_database_url(database_url)
+    table = journal_table(url)
+    engine = create_engine(url)
+    try:
         with engine.begin() as connection:
-            connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {OPTUNA_SCHEMA}"))
+            if not _is_sqlite(url):
+                connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {OPTUNA_SCHEMA}"))
+            connection.execute(text(
+                f"CREATE TABLE IF NOT EXISTS {table} "
+                "(log_number BIGINT PRIMARY KEY, entry TEXT NOT NULL)"
+            ))
+            legacy = _legacy_sqlite_journal(url) if _is_sqlite(url) else None
+            if legacy is not None and legacy.exists():
+                _copy_legacy_journal(connection, table, legacy)
+    finally:
         engine.dispose()
-    backend = SqlJournalBackend(url, engine_kwargs)
-    backend.create_table()
-    backend.close()
+
+
+def _copy_legacy_journal(connection: Connection, table: str, legacy: Path) -> None:
+    if connection.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one():
+        return
+    old = create_engine(f"sqlite:///{legacy}")
+    try:
+        with old.connect() as source:
+            rows = source.execute(text(
+                f"SELECT log_number, entry FROM {JOURNAL_TABLE} ORDER BY log_number"
+            )).all()
+    finally:
+        old.dispose()
+    if rows:
+        connection.execute(
+            text(f"INSERT INTO {table} (log_number, entry) VALUES (:number, :entry)"),
+            [{"number": number, "entry": entry} for number, entry in rows],
+        )
+        logger.info("copied %d lines of Optuna's journal from %s into the main database",
+                    len(rows), legacy)
+
+
+def _read_journal(connection: Connection, table: str, first: int) -> list[dict[str, Any]]:
+    rows = connection.execute(
+        text(f"SELECT entry FROM {table} WHERE log_number >= :first ORDER BY log_number"),
+        {"first": first},
+    ).scalars().all()
+    return [json.loads(row) for row in rows]
+
+
+def _write_journal(connection: Connection, table: str, first: int, entries: list[str]) -> None:
+    connection.execute(
+        text(f"INSERT INTO {table} (log_number, entry) VALUES (:number, :entry)"),
+        [{"number": first + offset, "entry": entry} for offset, entry in enumerate(entries)],
+    )
+
+
+def _take_journal_lock(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": JOURNAL_LOCK_KEY})
+    # SQLite: every transaction of ours begins IMMEDIATE, so it is the one writer already.
 
 
 class SqlJournalBackend(BaseJournalBackend):
-    """Optuna's journal (its append-only log of operations) in a SQL table.
+    """Optuna's journal in our database, for tools and tests that open it on their own.
 
-    Optuna's `JournalStorage` keeps the studies in process memory and replays new log
-    entries before each operation, so an ask or a report costs one small SELECT (and one
-    INSERT when it writes) instead of the dozens of statements of its RDB storage.
-
-    Every server process reads the same log, so entries must become visible in number
-    order with no gaps: appends are serialised (an advisory lock on PostgreSQL; SQLite
-    has one writer anyway) and number their entries after the largest one committed.
+    Each append is its own transaction under the journal's lock. The server does not use
+    this class but `_TransactionJournal`, which writes in the request's transaction.
     """
 
-    def __init__(self, url: str, engine_kwargs: dict[str, Any]) -> None:
-        self._sqlite = url.startswith("sqlite")
-        self._engine = create_engine(url, **engine_kwargs)
-        if self._sqlite:
+    def __init__(self, database_url: str) -> None:
+        url = normalise_database_url(database_url)
+        self._table = journal_table(url)
+        self._engine = create_engine(url)
+        if _is_sqlite(url):
             _one_writer_at_a_time(self._engine)
 
     def close(self) -> None:
         self._engine.dispose()
 
-    def create_table(self) -> None:
-        with self._engine.begin() as connection:
-            connection.execute(text(
-                f"CREATE TABLE IF NOT EXISTS {JOURNAL_TABLE} "
-                "(log_number BIGINT PRIMARY KEY, entry TEXT NOT NULL)"
-            ))
-
     def read_logs(self, log_number_from: int) -> list[dict[str, Any]]:
         with self._engine.connect() as connection:
-            rows = connection.execute(
-                text(f"SELECT entry FROM {JOURNAL_TABLE} WHERE log_number >= :first "
-                     "ORDER BY log_number"),
-                {"first": log_number_from},
-            ).scalars().all()
-        return [json.loads(row) for row in rows]
+            return _read_journal(connection, self._table, log_number_from)
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         with self._engine.begin() as connection:
-            if not self._sqlite:
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                                   {"key": JOURNAL_LOCK_KEY})
+            _take_journal_lock(connection)
             last = connection.execute(
-                text(f"SELECT COALESCE(MAX(log_number), -1) FROM {JOURNAL_TABLE}")
+                text(f"SELECT COALESCE(MAX(log_number), -1) FROM {self._table}")
             ).scalar_one()
-            connection.execute(
-                text(f"INSERT INTO {JOURNAL_TABLE} (log_number, entry) VALUES (:number, :entry)"),
-                [{"number": last + 1 + offset, "entry": json.dumps(log)}
-                 for offset, log in enumerate(logs)],
-            )
+            _write_journal(connection, self._table, last + 1, [json.dumps(log) for log in logs])
 
 
 @contextlib.contextmanager
 def optuna_storage(database_url: str) -> Iterator[optuna.storages.BaseStorage]:
     """Optuna's storage of a clrsearch database, for tools and tests that inspect it."""
-    url, engine_kwargs = optuna_storage_location(database_url)
-    backend = SqlJournalBackend(url, engine_kwargs)
+    backend = SqlJournalBackend(database_url)
     try:
         yield optuna.storages.JournalStorage(backend)
     finally:
@@ -145,6 +181,80 @@ def _one_writer_at_a_time(engine: Engine) -> None:
     def _on_begin(connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
+
+_JOURNAL_HOLDER = "clrsearch_optuna_bridge"
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    bridge = session.info.get(_JOURNAL_HOLDER)
+    if bridge is not None:
+        bridge._transaction_committed(session)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    bridge = session.info.get(_JOURNAL_HOLDER)
+    if bridge is not None and transaction.parent is None:
+        bridge._transaction_ended(session)
+
+
+class _TransactionJournal(BaseJournalBackend):
+    """The server's journal backend: reads and writes go through the request's transaction.
+
+    While a transaction holds the journal (`attach`), the first read fetches the lines
+    other processes committed since this process last looked; Optuna's appends are kept
+    in memory and handed back to its reads (that is how `JournalStorage` applies its own
+    lines), and `flush` writes them in one INSERT. No other read is needed: nobody else
+    can append while the lock is held. Outside a transaction (importances, a first load)
+    reads see committed lines only and appends are refused.
+    """
+
+    def __init__(self, engine: Engine, table: str) -> None:
+        self._engine = engine
+        self._table = table
+        self._connection: Connection | None = None
+        self._fetched = False
+        self._stored = 0  # lines in the database, as far as this transaction knows
+        self._pending: list[str] = []  # this transaction's lines, as JSON, not yet written
+        self._pending_logs: list[dict[str, Any]] = []
+
+    def attach(self, connection: Connection) -> None:
+        self._connection, self._fetched = connection, False
+        self._pending, self._pending_logs = [], []
+
+    def detach(self) -> None:
+        self._connection = None
+        self._pending, self._pending_logs = [], []
+
+    def read_logs(self, log_number_from: int) -> list[dict[str, Any]]:
+        if self._connection is None:
+            with self._engine.connect() as connection:
+                return _read_journal(connection, self._table, log_number_from)
+        if not self._fetched:
+            stored = _read_journal(self._connection, self._table, log_number_from)
+            self._stored, self._fetched = log_number_from + len(stored), True
+            return stored + self._pending_logs
+        return self._pending_logs[max(0, log_number_from - self._stored):]
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        if self._connection is None:
+            raise RuntimeError("Optuna's journal written outside a transaction that holds it")
+        for log in logs:
+            # Apply what the other processes will read back, not the caller's objects.
+            line = json.dumps(log)
+            self._pending.append(line)
+            self._pending_logs.append(json.loads(line))
+
+    def flush(self) -> None:
+        if self._connection is None or not self._pending:
+            return
+        if not self._fetched:
+            # Lines cannot be numbered before the transaction has read to the end.
+            raise RuntimeError("Optuna's journal appended before it was read")
+        _write_journal(self._connection, self._table, self._stored, self._pending)
+        self._stored += len(self._pending)
+        self._pending, self._pending_logs = [], []
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     seed = spec.sampler_seed
@@ -271,30 +381,90 @@ def suggest_params(trial: optuna.Trial, space: CyclicSpace) -> CyclicParams:
 
 
 class OptunaBridge:
-    """The server's only door to Optuna. Thread-safe; one per server process."""
+    """The server's only door to Optuna. Thread-safe; one per server process.
 
-    def __init__(self, database_url: str) -> None:
-        url, engine_kwargs = optuna_storage_location(database_url)
-        self._backend = SqlJournalBackend(url, engine_kwargs)
-        self._storage = optuna.storages.JournalStorage(self._backend)
+    A transaction that may change Optuna's data calls `lock_journal(session)` before it
+    takes any other lock (so that no two transactions wait for each other's locks) and
+    keeps the journal until it commits or rolls back; only then may the methods that
+    write (`create_study`, `ask`, `report`, `tell`) be called. When the transaction
+    rolls back, Optuna's state in memory holds lines that were never written, so it is
+    dropped and replayed from the database at the next use.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        table = JOURNAL_TABLE if engine.dialect.name == "sqlite" else (
+            f"{OPTUNA_SCHEMA}.{JOURNAL_TABLE}")
+        self._backend = _TransactionJournal(engine, table)
+        self._storage: optuna.storages.JournalStorage | None = None
         self._studies: dict[str, optuna.Study] = {}
-        self._lock = threading.Lock()
+        # Held by the transaction that holds the journal, and by reads outside one, so
+        # that nobody sees lines of a transaction that may yet roll back.
+        self._lock = threading.RLock()
+        self._holder: Session | None = None
+        self._committed = False
 
     def close(self) -> None:
-        self._backend.close()
+        """Nothing to release: the engine belongs to the caller."""
+
+    def lock_journal(self, session: Session) -> None:
+        """Hold Optuna's journal until this session's transaction ends."""
+        if self._holder is session:
+            return
+        self._lock.acquire()
+        try:
+            if self._holder is not None:
+                raise RuntimeError("this thread already holds Optuna's journal in another "
+                                   "session")
+            connection = session.connection()
+            _take_journal_lock(connection)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._holder, self._committed = session, False
+        session.info[_JOURNAL_HOLDER] = self
+        self._backend.attach(connection)
+
+    def _transaction_committed(self, session: Session) -> None:
+        if self._holder is session:
+            self._committed = True
+
+    def _transaction_ended(self, session: Session) -> None:
+        if self._holder is not session:
+            return
+        if not self._committed:
+            logger.info("transaction rolled back: Optuna's state is replayed at next use")
+            self._storage = None
+            self._studies.clear()
+        self._backend.detach()
+        self._holder = None
+        session.info.pop(_JOURNAL_HOLDER, None)
+        self._lock.release()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        with self._lock:
+            if self._holder is None:
+                raise RuntimeError("Optuna's data changed without lock_journal(session)")
+            yield
+            self._backend.flush()
+
+    def _journal_storage(self) -> optuna.storages.JournalStorage:
+        if self._storage is None:
+            self._storage = optuna.storages.JournalStorage(self._backend)
+        return self._storage
 
     def create_study(self, spec: StudySpec) -> None:
         direction = "minimize" if spec.objective == "val_loss" else "maximize"
-        study = optuna.create_study(
-            storage=self._storage,
-            study_name=spec.name,
-            direction=direction,
-            sampler=make_sampler(spec),
-            pruner=make_pruner(spec),
-        )
-        for params in spec.enqueue:
-            study.enqueue_trial(params, skip_if_exists=True)
-        with self._lock:
+        with self._writing():
+            study = optuna.create_study(
+                storage=self._journal_storage(),
+                study_name=spec.name,
+                direction=direction,
+                sampler=make_sampler(spec),
+                pruner=make_pruner(spec),
+            )
+            for params in spec.enqueue:
+                study.enqueue_trial(params, skip_if_exists=True)
             self._studies[spec.name] = study
 
     def _study(self, spec: StudySpec) -> optuna.Study:
@@ -303,7 +473,7 @@ class OptunaBridge:
             if study is None:
                 study = optuna.load_study(
                     study_name=spec.name,
-                    storage=self._storage,
+                    storage=self._journal_storage(),
                     sampler=make_sampler(spec),
                     pruner=make_pruner(spec),
                 )
@@ -312,36 +482,45 @@ class OptunaBridge:
 
     def ask(self, spec: StudySpec) -> tuple[int, int, CyclicParams]:
         """A new trial: (Optuna trial id, trial number, its settings)."""
-        study = self._study(spec)
-        trial = study.ask()
-        try:
-            params = suggest_params(trial, spec.space)
-        except Exception:
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        return trial._trial_id, trial.number, params
+        with self._writing():
+            study = self._study(spec)
+            trial = study.ask()
+            try:
+                params = suggest_params(trial, spec.space)
+            except Exception:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            return trial._trial_id, trial.number, params
 
     def report(self, spec: StudySpec, optuna_trial_id: int, epoch: int, value: float,
                ask_pruner: bool = True) -> bool:
         """Record one epoch's objective; True when the pruner says stop this trial."""
-        trial = optuna.trial.Trial(self._study(spec), optuna_trial_id)
-        trial.report(value, epoch)
-        # should_prune() may return numpy.bool_, which JSON and pydantic dislike.
-        return ask_pruner and bool(trial.should_prune())
+        with self._writing():
+            trial = optuna.trial.Trial(self._study(spec), optuna_trial_id)
+            trial.report(value, epoch)
+            # should_prune() may return numpy.bool_, which JSON and pydantic dislike.
+            return ask_pruner and bool(trial.should_prune())
 
     def tell(self, spec: StudySpec, number: int, state: str, value: float | None = None) -> None:
-        study = self._study(spec)
-        if state == "complete":
-            study.tell(number, value, skip_if_finished=True)
-        elif state == "pruned":
-            study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
-        else:
-            study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        with self._writing():
+            study = self._study(spec)
+            if state == "complete":
+                study.tell(number, value, skip_if_finished=True)
+            elif state == "pruned":
+                study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
+            else:
+                study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
 
     def importances(self, spec: StudySpec) -> dict[str, float]:
         """Parameter importances by Optuna's default evaluator; empty until 2 trials end."""
-        study = self._study(spec)
-        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if len(finished) < 2:
-            return {}
-        return dict(optuna.importance.get_param_importances(study))
+        with self._lock:
+            study = self._study(spec)
+            finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if len(finished) < 2:
+                return {}
+            # Evaluated on a copy, so that the fit does not hold the journal.
+            trials = study.get_trials(deepcopy=True)
+            directions = study.directions
+        evaluated = optuna.create_study(directions=directions)
+        evaluated.add_trials(trials)
+        return dict(optuna.importance.get_param_importances(evaluated))

@@ -36,14 +36,17 @@ def create_app(settings: ServerSettings | None = None, migrate: bool = True) -> 
         engine = make_engine(settings.database_url)
         app.state.sessions = make_sessionmaker(engine)
         app.state.bridge = OptunaBridge(engine)
-        sweeper = asyncio.create_task(_sweep_forever(app, settings.sweep_interval_s))
+        stopping = asyncio.Event()
+        sweeper = asyncio.create_task(
+            _sweep_forever(app, settings.sweep_interval_s, stopping))
         logger.info("server ready on %s:%d", settings.host, settings.port)
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            # Not cancelled: a sweep already running in its thread would go on using a
+            # connection after the engine is disposed below.
+            stopping.set()
+            await sweeper
             app.state.bridge.close()
             engine.dispose()
 
@@ -75,10 +78,12 @@ def app_from_environment() -> FastAPI:
     return create_app(ServerSettings())
 
 
-async def _sweep_forever(app: FastAPI, interval_s: float) -> None:
+async def _sweep_forever(app: FastAPI, interval_s: float, stopping: asyncio.Event) -> None:
     """Return lapsed leases to the queue even when no worker is claiming."""
     while True:
-        await asyncio.sleep(interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=interval_s)
+            return
         try:
             await asyncio.to_thread(_sweep_once, app)
         except Exception:

@@ -434,3 +434,23 @@ def test_holder_of_a_lapsed_lease_is_taken_back_while_nobody_else_claimed(
     assert late_report.status_code == 200, late_report.text
     assert late_complete.json() == {"recorded": True, "state": "complete"}
     assert final["value"] == 0.3 and final["infra_losses"] == 1
+
+
+@pytest.mark.postgres
+def test_a_stopped_server_leaves_no_connection_open_even_mid_sweep(postgres_url: str) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    database = make_url(postgres_url).database
+    for round_ in range(5):  # sweeps every 5 ms: most stops fall on one in progress
+        with make_client(postgres_url, sweep_interval_s=0.005) as client:
+            client.post("/api/v1/studies", json={"name": f"s{round_}", "n_trials": 1})
+            time.sleep(0.05)
+    admin = create_engine(make_url(postgres_url).set(database="postgres"))
+    with admin.connect() as connection:
+        still_open = connection.execute(
+            text("SELECT count(*) FROM pg_stat_activity WHERE datname = :name"),
+            {"name": database},
+        ).scalar_one()
+    admin.dispose()
+    assert still_open == 0

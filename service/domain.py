@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from clrsearch import protocol
 from clrsearch.cycles import cycle_length, is_cycle_end
@@ -241,10 +241,12 @@ def claim(
         return protocol.ClaimResponse(trial=_assignment(held, settings))
 
     sweep_lapsed_leases(session, bridge, now)
-    for study_id in session.scalars(
-        select(Study.id).where(Study.state == models.STUDY_RUNNING).order_by(Study.id)
+    # The row locks make the count-then-ask below atomic across server processes.
+    for study in session.scalars(
+        select(Study).where(Study.state == models.STUDY_RUNNING).order_by(Study.id)
+        .with_for_update()
     ).all():
-        trial = _claim_in_study(session, bridge, settings, study_id, request.worker_id, now)
+        trial = _claim_in_study(session, bridge, settings, study, request.worker_id, now)
         if trial is not None:
             _worker(session, request.worker_id).trial_id = trial.id
             return protocol.ClaimResponse(trial=_assignment(trial, settings))
@@ -253,14 +255,11 @@ def claim(
 
 def _claim_in_study(
     session: Session, bridge: OptunaBridge, settings: ServerSettings,
-    study_id: int, worker_id: str, now: dt.datetime,
+    study: Study, worker_id: str, now: dt.datetime,
 ) -> Trial | None:
-    # The row lock makes the count-then-ask below atomic across server processes.
-    study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
-    if study is None or study.state != models.STUDY_RUNNING:
+    if study.state != models.STUDY_RUNNING:
         return None
-    counts = _counts_by_study(session, [study.id]).get(study.id, TrialCounts())
-    if counts.running >= study.parallelism:
+    if _count_in_state(session, study, models.RUNNING) >= study.parallelism:
         return None
     spec = _spec(study)
     if spec.lr_bounds == "auto" and not _range_test_done(session, study):
@@ -324,7 +323,8 @@ def report(
 ) -> protocol.Decision:
     bridge.lock_journal(session)
     trial = _locked_trial(session, trial_id)
-    recorded = session.scalar(
+    # epochs_run is the highest epoch recorded: only an epoch at or below it can repeat.
+    recorded = None if body.epoch > trial.epochs_run else session.scalar(
         select(TrialEpoch).where(TrialEpoch.trial_id == trial.id, TrialEpoch.epoch == body.epoch)
     )
     if recorded is not None:
@@ -451,6 +451,12 @@ def _add_trial(
 def _add_baselines(session: Session, study: Study, spec: StudySpec, now: dt.datetime) -> None:
     for baseline in spec.baseline_runs():
         _add_trial(session, study, "baseline", baseline.model_dump(mode="json"), now)
+
+
+def _count_in_state(session: Session, study: Study, state: str) -> int:
+    session.flush()
+    return session.scalar(select(func.count()).where(
+        Trial.study_id == study.id, Trial.state == state)) or 0
 
 
 def _cyclic_trial_count(session: Session, study: Study) -> int:
@@ -580,10 +586,11 @@ def _complete_study_if_done(session: Session, study: Study, now: dt.datetime) ->
     # the counts below cannot miss a trial that a concurrent claim is adding (each of
     # them is its own snapshot under READ COMMITTED).
     session.execute(select(Study.id).where(Study.id == study.id).with_for_update())
+    if _cyclic_trial_count(session, study) < study.n_trials:
+        return  # trials are still to be asked for: the cheap test, first
     counts = _counts_by_study(session, [study.id]).get(study.id, TrialCounts())
     finished = counts.complete + counts.pruned + counts.failed + counts.stopped
-    budget_spent = _cyclic_trial_count(session, study) >= study.n_trials
-    if budget_spent and counts.running == 0 and counts.queued == 0:
+    if counts.running == 0 and counts.queued == 0:
         study.state = models.STUDY_COMPLETE
         study.updated_at = now
         logger.info("study %r complete: %d trials finished", study.name, finished)
@@ -626,7 +633,12 @@ def _lost_reason(trial: Trial) -> str:
 
 
 def _locked_trial(session: Session, trial_id: int) -> Trial:
-    trial = session.scalar(select(Trial).where(Trial.id == trial_id).with_for_update())
+    # The study comes in the same statement: every caller needs it. Only the trial's row
+    # is locked; the journal's lock already keeps other writers of the study out.
+    trial = session.scalar(
+        select(Trial).options(joinedload(Trial.study)).where(Trial.id == trial_id)
+        .with_for_update(of=Trial)
+    )
     if trial is None:
         raise NotFound(f"no trial with id {trial_id}")
     return trial

@@ -92,6 +92,7 @@ async def _sweep_forever(app: FastAPI, interval_s: float, stopping: asyncio.Even
 
 def _sweep_once(app: FastAPI) -> None:
     with unit_of_work(app.state.sessions) as session:
+        app.state.bridge.lock_journal(session)  # before the clock's query, as every writer
         domain.sweep_lapsed_leases(session, app.state.bridge, db_now(session))
 
 

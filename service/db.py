@@ -99,9 +99,30 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+_CLOCK = "clrsearch_db_now"
+# PostgreSQL's clock at the start of the transaction, as naive UTC (what db_now returns).
+POSTGRES_CLOCK_SQL = "timezone('utc', now())"
+
+
 def db_now(session: Session) -> dt.datetime:
-    """The database's clock, as naive UTC, so that leases do not depend on host clocks."""
+    """The database's clock, as naive UTC, so that leases do not depend on host clocks.
+
+    Read once per transaction (PostgreSQL's `now()` is the transaction's start anyway),
+    or given by `remember_db_now` when an earlier statement already fetched it.
+    """
+    transaction = session.get_transaction()
+    remembered = session.info.get(_CLOCK)
+    if remembered is not None and remembered[0] is transaction:
+        return remembered[1]
     if is_sqlite(session.get_bind()):
         value = session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
-        return dt.datetime.fromisoformat(value)
-    return session.execute(text("SELECT timezone('utc', now())")).scalar_one()
+        now = dt.datetime.fromisoformat(value)
+    else:
+        now = session.execute(text(f"SELECT {POSTGRES_CLOCK_SQL}")).scalar_one()
+    remember_db_now(session, now)
+    return now
+
+
+def remember_db_now(session: Session, now: dt.datetime) -> None:
+    """Keep the clock a statement of this transaction read, for `db_now` to return."""
+    session.info[_CLOCK] = (session.get_transaction(), now)

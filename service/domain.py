@@ -22,7 +22,7 @@ import secrets
 from collections import Counter
 from collections.abc import Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from clrsearch import protocol
@@ -226,7 +226,7 @@ def claim(
 ) -> protocol.ClaimResponse:
     bridge.lock_journal(session)
     now = db_now(session)
-    _touch_worker(session, request, now)
+    worker = _touch_worker(session, request, now)
 
     # A worker restarted under the same id is given back the trial it held.
     held = session.scalar(
@@ -248,7 +248,7 @@ def claim(
     ).all():
         trial = _claim_in_study(session, bridge, settings, study, request.worker_id, now)
         if trial is not None:
-            _worker(session, request.worker_id).trial_id = trial.id
+            worker.trial_id = trial.id
             return protocol.ClaimResponse(trial=_assignment(trial, settings))
     return protocol.ClaimResponse(retry_after_s=settings.claim_retry_s)
 
@@ -259,7 +259,8 @@ def _claim_in_study(
 ) -> Trial | None:
     if study.state != models.STUDY_RUNNING:
         return None
-    if _count_in_state(session, study, models.RUNNING) >= study.parallelism:
+    running, cyclic = _running_and_cyclic_counts(session, study)
+    if running >= study.parallelism:
         return None
     spec = _spec(study)
     if spec.lr_bounds == "auto" and not _range_test_done(session, study):
@@ -278,7 +279,7 @@ def _claim_in_study(
             .limit(1)
         )
     if trial is None:
-        if _cyclic_trial_count(session, study) >= study.n_trials:
+        if cyclic >= study.n_trials:
             _complete_study_if_done(session, study, now)
             return None
         optuna_trial_id, optuna_number, params = bridge.ask(spec)
@@ -453,10 +454,14 @@ def _add_baselines(session: Session, study: Study, spec: StudySpec, now: dt.date
         _add_trial(session, study, "baseline", baseline.model_dump(mode="json"), now)
 
 
-def _count_in_state(session: Session, study: Study, state: str) -> int:
+def _running_and_cyclic_counts(session: Session, study: Study) -> tuple[int, int]:
+    """The study's running trials (any kind) and its cyclic trials (the search budget)."""
     session.flush()
-    return session.scalar(select(func.count()).where(
-        Trial.study_id == study.id, Trial.state == state)) or 0
+    running, cyclic = session.execute(select(
+        func.count().filter(Trial.state == models.RUNNING),
+        func.count().filter(Trial.kind == "cyclic"),
+    ).where(Trial.study_id == study.id)).one()
+    return running, cyclic
 
 
 def _cyclic_trial_count(session: Session, study: Study) -> int:
@@ -582,10 +587,9 @@ def _complete_study_if_done(session: Session, study: Study, now: dt.datetime) ->
     session.flush()
     if study.state != models.STUDY_RUNNING:
         return
-    # Lock the study first: a claim holds this lock until its new trial is committed, so
-    # the counts below cannot miss a trial that a concurrent claim is adding (each of
-    # them is its own snapshot under READ COMMITTED).
-    session.execute(select(Study.id).where(Study.id == study.id).with_for_update())
+    # The caller holds Optuna's journal, as every claim does until its new trial is
+    # committed, so the counts below cannot miss a trial that a concurrent claim is
+    # adding (each count is its own snapshot under READ COMMITTED).
     if _cyclic_trial_count(session, study) < study.n_trials:
         return  # trials are still to be asked for: the cheap test, first
     counts = _counts_by_study(session, [study.id]).get(study.id, TrialCounts())
@@ -599,9 +603,12 @@ def _complete_study_if_done(session: Session, study: Study, now: dt.datetime) ->
 def _release_worker(session: Session, trial: Trial) -> None:
     if trial.worker_id is None:
         return
-    worker = session.get(Worker, trial.worker_id)
-    if worker is not None and worker.trial_id == trial.id:
-        worker.trial_id = None
+    session.execute(
+        update(Worker).where(Worker.id == trial.worker_id, Worker.trial_id == trial.id)
+        .values(trial_id=None)
+        # A Worker loaded in this session may keep the old trial_id: nothing reads it.
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _take_back_lapsed_lease(
@@ -644,23 +651,20 @@ def _locked_trial(session: Session, trial_id: int) -> Trial:
     return trial
 
 
-def _touch_worker(session: Session, request: protocol.ClaimRequest, now: dt.datetime) -> None:
+def _touch_worker(
+    session: Session, request: protocol.ClaimRequest, now: dt.datetime
+) -> Worker:
     worker = session.get(Worker, request.worker_id)
     if worker is None:
-        session.add(Worker(
+        worker = Worker(
             id=request.worker_id, host=request.host, device=request.device,
             first_seen_at=now, last_seen_at=now,
-        ))
+        )
+        session.add(worker)
         logger.info("worker %s on %s (%s) seen for the first time",
                     request.worker_id, request.host, request.device)
     else:
         worker.host, worker.device, worker.last_seen_at = request.host, request.device, now
-
-
-def _worker(session: Session, worker_id: str) -> Worker:
-    session.flush()
-    worker = session.get(Worker, worker_id)
-    assert worker is not None  # _touch_worker created it in this transaction
     return worker
 
 

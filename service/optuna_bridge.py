@@ -20,6 +20,7 @@ sampler and pruner are built once.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, SessionTransaction
 
 from clrsearch.spec import CyclicParams, CyclicSpace, FloatRange, StudySpec, searched_params
+from service.db import POSTGRES_CLOCK_SQL, remember_db_now
 from service.settings import normalise_database_url
 
 logger = logging.getLogger(__name__)
@@ -124,10 +126,14 @@ def _write_journal(connection: Connection, table: str, first: int, entries: list
     )
 
 
-def _take_journal_lock(connection: Connection) -> None:
-    if connection.dialect.name == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": JOURNAL_LOCK_KEY})
-    # SQLite: every transaction of ours begins IMMEDIATE, so it is the one writer already.
+def _take_journal_lock(connection: Connection) -> dt.datetime | None:
+    """Wait for the journal's lock; on PostgreSQL also read the clock, in the same trip."""
+    if connection.dialect.name != "postgresql":
+        return None  # SQLite: every transaction of ours begins IMMEDIATE: the one writer
+    return connection.execute(
+        text(f"SELECT {POSTGRES_CLOCK_SQL} FROM pg_advisory_xact_lock(:key)"),
+        {"key": JOURNAL_LOCK_KEY},
+    ).scalar_one()
 
 
 class SqlJournalBackend(BaseJournalBackend):
@@ -416,10 +422,12 @@ class OptunaBridge:
                 raise RuntimeError("this thread already holds Optuna's journal in another "
                                    "session")
             connection = session.connection()
-            _take_journal_lock(connection)
+            clock = _take_journal_lock(connection)
         except BaseException:
             self._lock.release()
             raise
+        if clock is not None:
+            remember_db_now(session, clock)
         self._holder, self._committed = session, False
         session.info[_JOURNAL_HOLDER] = self
         self._backend.attach(connection)

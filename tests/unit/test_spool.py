@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,24 @@ def test_entries_come_back_in_the_order_they_were_written_after_a_reopen(tmp_pat
     assert [entry.sequence for entry in entries] == [1, 2, 3]
     assert entries[1].body == report(2).model_dump(mode="json")
     second.close()
+
+
+def test_completions_reach_the_disk_before_append_returns_and_reports_need_not(
+    spool: Spool, monkeypatch
+):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{descriptor}")).name)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    spool.append("report", 11, "s", 1, report(1))
+    spool.append("complete", 11, "s", 1, complete())
+    spool.append("fail", 12, "s", 2, {"lease_id": "lease-2", "error": "boom"})
+    # Synced under their temporary names, before the rename that makes them entries.
+    assert synced == [".000000000002-complete.json.tmp", ".000000000003-fail.json.tmp"]
 
 
 def test_a_spool_folder_is_held_by_one_live_process_at_a_time(spool: Spool):

@@ -202,8 +202,13 @@ def claim(
     body: protocol.ClaimRequest, sessions: SessionsDep, bridge: BridgeDep,
     settings: SettingsDep,
 ) -> protocol.ClaimResponse:
+    # The sampler works between two transactions, holding no lock, so that reports and
+    # other claims need not wait for it (OptunaBridge.propose).
     with unit_of_work(sessions) as session:
-        return domain.claim(session, bridge, settings, body)
+        spec = domain.study_to_sample(session)
+    proposal = bridge.propose(spec) if spec is not None else None
+    with unit_of_work(sessions) as session:
+        return domain.claim(session, bridge, settings, body, proposal)
 
 
 @workers.post("/trials/{trial_id}/heartbeat")

@@ -33,7 +33,7 @@ from service import models
 from service.db import db_now, is_sqlite
 from service.errors import InvalidRequest, LeaseLost, NotFound, StudyExists
 from service.models import Study, Trial, TrialEpoch, Worker
-from service.optuna_bridge import OptunaBridge
+from service.optuna_bridge import OptunaBridge, Proposal
 from service.schemas import (
     BaselineComparison,
     EpochView,
@@ -220,10 +220,31 @@ def thin_indices(length: int, max_points: int) -> list[int]:
 # -- the worker protocol ------------------------------------------------------------------
 
 
+def study_to_sample(session: Session) -> StudySpec | None:
+    """The study whose next claim would ask Optuna for a new trial, as far as a read with
+    no locks can tell; `claim` decides again under its locks."""
+    for study in session.scalars(
+        select(Study).where(Study.state == models.STUDY_RUNNING).order_by(Study.id)
+    ).all():
+        running, cyclic = _running_and_cyclic_counts(session, study)
+        if running >= study.parallelism:
+            continue
+        if _count_queued(session, study):
+            return None  # the claim takes a queued trial: nothing to sample
+        spec = _spec(study)
+        if spec.lr_bounds == "auto" and not _range_test_done(session, study):
+            return None
+        if cyclic < study.n_trials:
+            return spec
+    return None
+
+
 def claim(
     session: Session, bridge: OptunaBridge, settings: ServerSettings,
-    request: protocol.ClaimRequest,
+    request: protocol.ClaimRequest, proposal: Proposal | None = None,
 ) -> protocol.ClaimResponse:
+    """Give the worker a trial. `proposal`: settings sampled ahead for a study's next
+    trial, used if that study asks Optuna now and nothing changed since."""
     bridge.lock_journal(session)
     now = db_now(session)
     worker = _touch_worker(session, request, now)
@@ -246,7 +267,8 @@ def claim(
         select(Study).where(Study.state == models.STUDY_RUNNING).order_by(Study.id)
         .with_for_update()
     ).all():
-        trial = _claim_in_study(session, bridge, settings, study, request.worker_id, now)
+        trial = _claim_in_study(session, bridge, settings, study, request.worker_id, now,
+                                proposal)
         if trial is not None:
             worker.trial_id = trial.id
             return protocol.ClaimResponse(trial=_assignment(trial, settings))
@@ -255,7 +277,7 @@ def claim(
 
 def _claim_in_study(
     session: Session, bridge: OptunaBridge, settings: ServerSettings,
-    study: Study, worker_id: str, now: dt.datetime,
+    study: Study, worker_id: str, now: dt.datetime, proposal: Proposal | None,
 ) -> Trial | None:
     if study.state != models.STUDY_RUNNING:
         return None
@@ -282,7 +304,7 @@ def _claim_in_study(
         if cyclic >= study.n_trials:
             _complete_study_if_done(session, study, now)
             return None
-        optuna_trial_id, optuna_number, params = bridge.ask(spec)
+        optuna_trial_id, optuna_number, params = bridge.ask(spec, proposal)
         trial = _add_trial(session, study, "cyclic", params.model_dump(mode="json"), now)
         trial.optuna_trial_id, trial.optuna_number = optuna_trial_id, optuna_number
     trial.state = models.RUNNING
@@ -452,6 +474,11 @@ def _add_trial(
 def _add_baselines(session: Session, study: Study, spec: StudySpec, now: dt.datetime) -> None:
     for baseline in spec.baseline_runs():
         _add_trial(session, study, "baseline", baseline.model_dump(mode="json"), now)
+
+
+def _count_queued(session: Session, study: Study) -> int:
+    return session.scalar(select(func.count()).where(
+        Trial.study_id == study.id, Trial.state == models.QUEUED)) or 0
 
 
 def _running_and_cyclic_counts(session: Session, study: Study) -> tuple[int, int]:

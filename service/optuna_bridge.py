@@ -20,6 +20,7 @@ sampler and pruner are built once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import json
 import logging
@@ -27,6 +28,7 @@ import math
 import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +226,16 @@ class _TransactionJournal(BaseJournalBackend):
         self._stored = 0  # lines in the database, as far as this transaction knows
         self._pending: list[str] = []  # this transaction's lines, as JSON, not yet written
         self._pending_logs: list[dict[str, Any]] = []
+        self._memory_only = threading.local()
+
+    @contextlib.contextmanager
+    def memory_only(self) -> Iterator[None]:
+        """Within this block, this thread's reads apply nothing new and touch no database."""
+        self._memory_only.active = True
+        try:
+            yield
+        finally:
+            self._memory_only.active = False
 
     def attach(self, connection: Connection) -> None:
         self._connection, self._fetched = connection, False
@@ -234,6 +246,8 @@ class _TransactionJournal(BaseJournalBackend):
         self._pending, self._pending_logs = [], []
 
     def read_logs(self, log_number_from: int) -> list[dict[str, Any]]:
+        if getattr(self._memory_only, "active", False):
+            return []  # a proposal samples on memory as it is (OptunaBridge.propose)
         if self._connection is None:
             with self._engine.connect() as connection:
                 return _read_journal(connection, self._table, log_number_from)
@@ -386,6 +400,95 @@ def suggest_params(trial: optuna.Trial, space: CyclicSpace) -> CyclicParams:
     )
 
 
+# Samplers whose suggestion for a trial needs nothing of that trial in storage.
+PROPOSING_SAMPLERS = ("tpe", "random")
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A trial's settings sampled ahead of its ask (`OptunaBridge.propose`)."""
+
+    study: str
+    number: int
+    optuna_params: dict[str, Any]
+    params: CyclicParams
+    system_attrs: dict[str, Any]
+
+
+_DRAFT_TRIAL_ID = -1
+
+
+class _DraftStorage:
+    """Optuna's storage as a draft trial's sampler sees it: reads pass through; the only
+    write a sampler makes for the trial it samples, its system attributes, is kept."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, attrs: dict[str, Any]) -> None:
+        self._storage = storage
+        self._attrs = attrs
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        if trial_id != _DRAFT_TRIAL_ID:
+            raise RuntimeError("a sampler wrote to another trial while drafting one")
+        self._attrs[key] = value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+class _DraftTrial:
+    """What `optuna.Trial` does when a parameter is suggested, for a trial not yet stored:
+    the same sampler calls in the same order (relative sampling once, at the first
+    parameter that needs it; independent sampling for the rest), nothing written."""
+
+    def __init__(self, study: optuna.Study, number: int) -> None:
+        self.number = number
+        self.chosen: dict[str, Any] = {}
+        # TPE's constant liar stores a trial's relative sampling in its system attributes;
+        # they are kept here and written by `ask` once the trial exists.
+        self.system_attrs: dict[str, Any] = {}
+        study = copy.copy(study)
+        study._storage = _DraftStorage(study._storage, self.system_attrs)
+        self._study = study
+        self._frozen = optuna.trial.FrozenTrial(
+            number=number, state=TrialState.RUNNING, value=None,
+            datetime_start=dt.datetime.now(), datetime_complete=None, params={},
+            distributions={}, user_attrs={}, system_attrs={}, intermediate_values={},
+            trial_id=_DRAFT_TRIAL_ID,
+        )
+        self._filtered = optuna.pruners._filter_study(study, self._frozen)
+        study.sampler.before_trial(self._filtered, self._frozen)
+        self._space: dict[str, Any] | None = None
+        self._relative: dict[str, Any] = {}
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        return self._suggest(name, optuna.distributions.FloatDistribution(low, high, log=log))
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        return self._suggest(name, optuna.distributions.CategoricalDistribution(choices))
+
+    def _suggest(self, name: str, distribution: Any) -> Any:
+        sampler = self._study.sampler
+        if distribution.single():
+            value = optuna.distributions._get_single_value(distribution)
+        else:
+            if self._space is None:
+                self._space = sampler.infer_relative_search_space(self._filtered, self._frozen)
+                self._relative = sampler.sample_relative(
+                    self._filtered, self._frozen, self._space)
+            relative = self._relative.get(name)
+            if name in self._relative and distribution._contains(
+                    distribution.to_internal_repr(relative)):
+                value = relative
+            else:
+                value = sampler.sample_independent(
+                    optuna.pruners._filter_study(self._study, self._frozen), self._frozen,
+                    name, distribution)
+        self._frozen.distributions[name] = distribution
+        self._frozen.params[name] = value
+        self.chosen[name] = value
+        return value
+
+
 class OptunaBridge:
     """The server's only door to Optuna. Thread-safe; one per server process.
 
@@ -406,6 +509,7 @@ class OptunaBridge:
         # Held by the transaction that holds the journal, and by reads outside one, so
         # that nobody sees lines of a transaction that may yet roll back.
         self._lock = threading.RLock()
+        self._proposing: dict[str, threading.Lock] = {}
         self._holder: Session | None = None
         self._committed = False
 
@@ -488,16 +592,66 @@ class OptunaBridge:
                 self._studies[spec.name] = study
             return study
 
-    def ask(self, spec: StudySpec) -> tuple[int, int, CyclicParams]:
+    def propose(self, spec: StudySpec) -> Proposal | None:
+        """The sampler's settings for the study's next trial, worked out before the claim
+        takes the journal's lock, so that reports and other claims do not wait for TPE.
+
+        Sampled on this process's copy of the study as it stands (lines other processes
+        wrote since this one last held the lock are not read), with the very calls an
+        ask would make, in the same order: one worker's sequential study gets the same
+        trials as plain Optuna. `ask` takes the proposal only if no trial was added
+        since; None where a sampler needs the new trial stored first (CMA-ES, QMC, GP),
+        where trials wait in Optuna's queue, or while another thread proposes.
+        """
+        study = self._studies.get(spec.name)  # not loaded yet: the first ask loads it
+        if spec.sampler not in PROPOSING_SAMPLERS or study is None:
+            return None
+        proposing = self._proposing.setdefault(spec.name, threading.Lock())
+        if not proposing.acquire(blocking=False):
+            return None
+        try:
+            with self._backend.memory_only():
+                study._thread_local.cached_all_trials = None  # what `Study.ask` does first
+                trials = study.get_trials(deepcopy=False)
+                if any(trial.state == TrialState.WAITING for trial in trials):
+                    return None
+                draft = _DraftTrial(study, len(trials))
+                params = suggest_params(draft, spec.space)
+                return Proposal(spec.name, draft.number, draft.chosen, params,
+                                draft.system_attrs)
+        except Exception:
+            # The copy changed under the sampler (another thread's transaction): the
+            # claim asks under the lock instead.
+            logger.debug("proposal for study %r dropped", spec.name, exc_info=True)
+            return None
+        finally:
+            proposing.release()
+
+    def ask(
+        self, spec: StudySpec, proposal: Proposal | None = None
+    ) -> tuple[int, int, CyclicParams]:
         """A new trial: (Optuna trial id, trial number, its settings)."""
         with self._writing():
             study = self._study(spec)
+            if proposal is not None and proposal.study == spec.name:
+                trials = study.get_trials(deepcopy=False)
+                if len(trials) == proposal.number and not any(
+                        trial.state == TrialState.WAITING for trial in trials):
+                    study.enqueue_trial(proposal.optuna_params)
+                else:
+                    proposal = None  # trials were added meanwhile: sample afresh
             trial = study.ask()
+            if proposal is not None:
+                for key, value in proposal.system_attrs.items():
+                    trial.storage.set_trial_system_attr(trial._trial_id, key, value)
             try:
                 params = suggest_params(trial, spec.space)
             except Exception:
                 study.tell(trial, state=TrialState.FAIL)
                 raise
+            if proposal is not None and params != proposal.params:
+                logger.warning("trial %d of study %r: Optuna gave %s, not the proposed %s",
+                               trial.number, spec.name, params, proposal.params)
             return trial._trial_id, trial.number, params
 
     def report(self, spec: StudySpec, optuna_trial_id: int, epoch: int, value: float,

@@ -158,3 +158,41 @@ def _journal_lines(path: Any) -> list[tuple[int, str]]:
             "SELECT log_number, entry FROM optuna_journal ORDER BY log_number").fetchall()
     finally:
         connection.close()
+
+
+def test_a_proposal_sampled_outside_the_lock_is_what_the_claim_hands_out(
+    servers, monkeypatch
+) -> None:
+    first, _ = servers
+    spec = StudySpec.model_validate(SPEC)
+    proposal = first.bridge.propose(spec)
+    assert proposal is not None and proposal.number == 0
+
+    def no_sampling(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("the sampler ran under the journal's lock")
+
+    sampler = first.bridge._studies["journal"].sampler
+    monkeypatch.setattr(sampler, "sample_relative", no_sampling)
+    monkeypatch.setattr(sampler, "sample_independent", no_sampling)
+    with unit_of_work(first.sessions) as session:
+        trial = domain.claim(session, first.bridge, first.settings,
+                             protocol.ClaimRequest(worker_id="w1"), proposal).trial
+    assert trial is not None and trial.number == 0
+    assert trial.params == proposal.params
+
+
+def test_a_proposal_overtaken_by_another_claim_is_dropped_and_sampled_afresh(
+    servers, database_url
+) -> None:
+    first, second = servers
+    spec = StudySpec.model_validate(SPEC)
+    stale = first.bridge.propose(spec)
+    assert stale is not None
+    second.claim("w2")  # trial 0, asked by the other server
+    with unit_of_work(first.sessions) as session:
+        trial = domain.claim(session, first.bridge, first.settings,
+                             protocol.ClaimRequest(worker_id="w1"), stale).trial
+    assert trial is not None and trial.number == 1
+    stored = optuna_trials(database_url)
+    assert [t.number for t in stored] == [0, 1]
+    assert stored[1].params["max_lr"] == pytest.approx(trial.params.max_lr)

@@ -599,9 +599,11 @@ class OptunaBridge:
         Sampled on this process's copy of the study as it stands (lines other processes
         wrote since this one last held the lock are not read), with the very calls an
         ask would make, in the same order: one worker's sequential study gets the same
-        trials as plain Optuna. `ask` takes the proposal only if no trial was added
-        since; None where a sampler needs the new trial stored first (CMA-ES, QMC, GP),
-        where trials wait in Optuna's queue, or while another thread proposes.
+        trials as plain Optuna. `ask` takes the proposal even if other trials were asked
+        since (it then missed those, as parallel workers' suggestions do in Optuna),
+        except under Hyperband. None where a sampler needs the new trial stored first
+        (CMA-ES, QMC, GP), where trials wait in Optuna's queue, or while another thread
+        proposes for the same study: that claim then samples under the lock.
         """
         study = self._studies.get(spec.name)  # not loaded yet: the first ask loads it
         if spec.sampler not in PROPOSING_SAMPLERS or study is None:
@@ -635,11 +637,15 @@ class OptunaBridge:
             study = self._study(spec)
             if proposal is not None and proposal.study == spec.name:
                 trials = study.get_trials(deepcopy=False)
-                if len(trials) == proposal.number and not any(
-                        trial.state == TrialState.WAITING for trial in trials):
-                    study.enqueue_trial(proposal.optuna_params)
+                overtaken = len(trials) != proposal.number
+                if any(trial.state == TrialState.WAITING for trial in trials) or (
+                        # Hyperband samples each trial among its bracket's, chosen by number.
+                        overtaken and isinstance(study.pruner, optuna.pruners.HyperbandPruner)):
+                    proposal = None  # sampled afresh, below
                 else:
-                    proposal = None  # trials were added meanwhile: sample afresh
+                    # A draft overtaken by another claim missed only the trials asked
+                    # since, as parallel workers' suggestions do in plain Optuna.
+                    study.enqueue_trial(proposal.optuna_params)
             trial = study.ask()
             if proposal is not None:
                 for key, value in proposal.system_attrs.items():

@@ -174,25 +174,27 @@ def test_a_proposal_sampled_outside_the_lock_is_what_the_claim_hands_out(
     sampler = first.bridge._studies["journal"].sampler
     monkeypatch.setattr(sampler, "sample_relative", no_sampling)
     monkeypatch.setattr(sampler, "sample_independent", no_sampling)
-    with unit_of_work(first.sessions) as session:
-        trial = domain.claim(session, first.bridge, first.settings,
-                             protocol.ClaimRequest(worker_id="w1"), proposal).trial
-    assert trial is not None and trial.number == 0
-    assert trial.params == proposal.params
+    trial = claim_with(first, "w1", proposal)
+    assert trial.number == 0 and trial.params == proposal.params
 
 
-def test_a_proposal_overtaken_by_another_claim_is_dropped_and_sampled_afresh(
+def test_a_proposal_overtaken_by_another_claim_gives_the_next_trial_its_settings(
     servers, database_url
 ) -> None:
     first, second = servers
-    spec = StudySpec.model_validate(SPEC)
-    stale = first.bridge.propose(spec)
-    assert stale is not None
-    second.claim("w2")  # trial 0, asked by the other server
-    with unit_of_work(first.sessions) as session:
-        trial = domain.claim(session, first.bridge, first.settings,
-                             protocol.ClaimRequest(worker_id="w1"), stale).trial
-    assert trial is not None and trial.number == 1
+    stale = first.bridge.propose(StudySpec.model_validate(SPEC))
+    assert stale is not None and stale.number == 0
+    second.claim("w2")  # trial 0, asked by the other server meanwhile
+    trial = claim_with(first, "w1", stale)
+    assert trial.number == 1 and trial.params == stale.params
     stored = optuna_trials(database_url)
     assert [t.number for t in stored] == [0, 1]
-    assert stored[1].params["max_lr"] == pytest.approx(trial.params.max_lr)
+    assert stored[1].params["max_lr"] == pytest.approx(stale.params.max_lr)
+
+
+def claim_with(server: Server, worker_id: str, proposal: Any) -> protocol.TrialAssignment:
+    with unit_of_work(server.sessions) as session:
+        trial = domain.claim(session, server.bridge, server.settings,
+                             protocol.ClaimRequest(worker_id=worker_id), proposal).trial
+    assert trial is not None
+    return trial

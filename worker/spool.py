@@ -1,22 +1,34 @@
 """Results a worker owes the server, kept on disk until the server has them.
 
 Every result call (an epoch's report, a completion, a failure) is first written to the
-worker's spool folder, then delivered by the `Outbox`, oldest first. While the server
+worker's spool folder, then delivered by the `Outbox`, oldest first. Epoch reports are
+posted: written on the training thread, then delivered by the outbox's sender thread,
+so that training goes on while the server answers. Completions and failures are sent:
+written, then delivered on the caller's thread before it goes on. While the server
 cannot be reached, entries wait and training goes on; they go out in the order they were
-made when it answers again, at the next epoch's end or before the next claim. Nothing is
+made when it answers again, at the next result or before the next claim. Nothing is
 ever given up for lack of an answer: a worker that exits or dies with entries waiting
 leaves them to the next worker started on the machine, which delivers them before it
 claims anything.
+
+| call                                          | returns                                        |
+|-----------------------------------------------|------------------------------------------------|
+| `outbox.post(call, trial, body, on_delivery)` | a `Posted` at once; the sender thread sends it |
+| `outbox.send(call, trial, body)`              | the `Delivery`, after one pass on this thread  |
+| `outbox.ended(lease_id)`                      | the server's "prune" or "stop", and its epoch  |
+| `outbox.deliver()`, `outbox.drain(stop)`      | one pass; passes until the spool is empty      |
 
     {spool_dir}/{worker_id}/.lock                      held while the worker lives
     {spool_dir}/{worker_id}/000000000007-report.json   {"call", "trial_id", "study_name",
     {spool_dir}/{worker_id}/000000000008-complete.json  "number", "body"}
 
 Delivering twice is harmless: the server records an epoch once and answers a repeated
-completion or failure with the trial's state. An entry the server refuses is dropped with
-a log line: 409 (the lease was lost: the trial went to another worker, which reports its
-own results) as a warning, any other 4xx as an error, except 401 and 403: a wrong token
-is the worker's problem, not the result's, so the entry stays.
+completion or failure with the trial's state. Once the server has answered "prune" or
+"stop" to a report, the trial's later reports are dropped unsent: the server has finished
+the trial and would refuse them. An entry the server refuses is dropped with a log line:
+409 (the lease was lost: the trial went to another worker, which reports its own
+results) as a warning, any other 4xx as an error, except 401 and 403: a wrong token is
+the worker's problem, not the result's, so the entry stays.
 
 Errors: `SpoolBusy` when another live process holds the spool folder (two workers started
 with one worker id).
@@ -185,8 +197,43 @@ class Delivery:
     waiting: int = 0
 
 
+class Posted:
+    """One spooled result on its way: settled by the first delivery pass that tries it,
+    whether the server answered, the entry was dropped, or it waits for a later pass."""
+
+    def __init__(self, entry: Entry,
+                 on_delivery: Callable[[Delivery], None] | None = None) -> None:
+        self.entry = entry
+        self.delivery: Delivery | None = None
+        self._on_delivery = on_delivery
+        self._settled = threading.Event()
+
+    def wait(self, timeout_s: float | None = None) -> Delivery | None:
+        """What became of the result; None when `timeout_s` ran out first."""
+        self._settled.wait(timeout_s)
+        return self.delivery
+
+    def _settle(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+        try:
+            if self._on_delivery is not None:
+                self._on_delivery(delivery)
+        except Exception:
+            # The callback's trouble must not stop the delivery of the entries after it.
+            logger.exception("%s: the callback on its %s failed", self.entry.label,
+                             self.entry.what)
+        finally:
+            # Set last, so that a waiter sees what the callback did.
+            self._settled.set()
+
+
 class Outbox:
-    """Delivers a spool's entries in order; results go through it, never around it."""
+    """Delivers a spool's entries in order; results go through it, never around it.
+
+    Delivery passes run one at a time, on the sender thread (started by the first `post`)
+    or on the thread that calls `send`, `deliver` or `drain`; each lists the spool afresh,
+    so an entry goes out after every entry written before it, whichever thread sends it.
+    """
 
     def __init__(
         self, spool: Spool, client: WorkerClient,
@@ -196,26 +243,68 @@ class Outbox:
         self.client = client
         # Called with each completion or failure the server has recorded.
         self.on_recorded = on_recorded
-        # What the server said about each lease: ended ("prune", "stop") or lost (409).
-        self._ended: dict[str, str] = {}
+        # What the server said about each lease: ended ("prune", "stop", with the epoch
+        # whose report it answered) or lost (409).
+        self._ended: dict[str, tuple[str, int]] = {}
         self._lost: set[str] = set()
         self._unreachable_since: float | None = None
         # The newest entry that was waiting when the server last failed to answer.
         self._backlog_end = 0
         # The server's last refusal of this worker's token, if the last pass met one.
         self._unauthorised: ServerError | None = None
+        # One delivery pass at a time.
         self._lock = threading.Lock()
+        # Posted entries not yet settled, by sequence. Writing an entry and tracking it
+        # happen under `_tracking`, and so does a pass's listing of the spool: a pass
+        # that lists an entry always finds its `Posted`.
+        self._posted: dict[int, Posted] = {}
+        self._tracking = threading.Lock()
+        # The sender thread and what wakes it: a post since its last pass, or close.
+        self._sender: threading.Thread | None = None
+        self._wake = threading.Condition()
+        self._pending = False
+        self._closing = False
+
+    def post(
+        self, call: ResultCall, trial: protocol.TrialAssignment, body: BaseModel,
+        on_delivery: Callable[[Delivery], None] | None = None,
+    ) -> Posted:
+        """Spool one result and leave its delivery to the sender thread; returns at once.
+
+        The entry is on disk when this returns. `on_delivery` is called, on the thread
+        that delivers, once the first pass has tried the entry: with the server's answer,
+        or with none (the server is away and the entry waits, or the lease had ended).
+        """
+        posted = self._spool(call, trial, body, on_delivery)
+        with self._wake:
+            if self._closing:
+                raise RuntimeError("the outbox is closed; nothing more can be posted")
+            self._pending = True
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_posted, daemon=True,
+                                                name=f"outbox-{self.spool.folder.name}")
+                self._sender.start()
+            self._wake.notify()
+        return posted
 
     def send(
         self, call: ResultCall, trial: protocol.TrialAssignment, body: BaseModel
     ) -> Delivery:
-        """Spool one result, then deliver what waits, once; never waits for the server."""
-        entry = self.spool.append(call, trial.trial_id, trial.study_name, trial.number, body)
-        answers = self.deliver()
-        return Delivery(
-            answer=answers.get(entry.sequence), ended=self._ended.get(trial.lease_id),
-            lease_lost=trial.lease_id in self._lost, waiting=len(self.spool),
-        )
+        """Spool one result, then deliver what waits, once, on this thread; never waits
+        for a server that does not answer (beyond one try of each call)."""
+        posted = self._spool(call, trial, body, None)
+        self.deliver()
+        # The pass just made, or one before it on the sender thread, has settled it.
+        delivery = posted.wait(0)
+        if delivery is None:  # cannot happen: a pass lists every entry written before it
+            return Delivery(answer=None, ended=self._action(trial.lease_id),
+                            lease_lost=trial.lease_id in self._lost, waiting=len(self.spool))
+        return delivery
+
+    def ended(self, lease_id: str) -> tuple[str, int] | None:
+        """The server's "prune" or "stop" to a report of this lease, with that report's
+        epoch; None while it has answered none of them so."""
+        return self._ended.get(lease_id)
 
     def deliver(self) -> dict[int, protocol.Decision | protocol.Ack]:
         """One pass over the spool, oldest first, stopping at the first call the server
@@ -223,41 +312,56 @@ class Outbox:
         answers: dict[int, protocol.Decision | protocol.Ack] = {}
         with self._lock:
             self._unauthorised = None
-            entries = self.spool.entries()
-            for entry in entries:
-                if entry.call == "report" and entry.lease_id in self._ended:
-                    logger.info("%s: %s dropped: the server already ended the trial (%s)",
-                                entry.label, entry.what, self._ended[entry.lease_id])
-                    self.spool.remove(entry)
-                    continue
-                try:
-                    answer = self.client.send_result(entry.call, entry.trial_id, entry.body,
-                                                     patience_s=0)
-                except ServerUnreachable as error:
-                    self._note_unreachable(error, entries[-1].sequence)
-                    return answers
-                except LeaseLost as error:
-                    logger.warning("%s: %s dropped: %s", entry.label, entry.what, error)
-                    self._lost.add(entry.lease_id)
-                except ServerError as error:
-                    if error.unauthorised:
-                        # The token, not the result, is wrong: keep it for a worker that
-                        # has the right one.
-                        logger.error("%s: %s kept in the spool: %s", entry.label, entry.what,
-                                     error)
-                        self._unauthorised = error
-                        return answers
-                    logger.error("%s: %s refused by the server and dropped: %s", entry.label,
-                                 entry.what, error)
-                else:
-                    answers[entry.sequence] = answer
-                    self._recorded(entry, answer)
-                self.spool.remove(entry)
-            if self._unreachable_since is not None:
-                logger.info("server answers again after %.1f s; every spooled result is "
-                            "delivered", time.monotonic() - self._unreachable_since)
-                self._unreachable_since = None
+            with self._tracking:
+                entries = self.spool.entries()
+            try:
+                self._deliver(entries, answers)
+            finally:
+                # Entries this pass did not reach wait for a later one; whoever posted
+                # them hears so now rather than waiting for that pass.
+                for entry in entries:
+                    self._settle(entry, None)
         return answers
+
+    def _deliver(
+        self, entries: list[Entry], answers: dict[int, protocol.Decision | protocol.Ack]
+    ) -> None:
+        for entry in entries:
+            answer: protocol.Decision | protocol.Ack | None = None
+            if entry.call == "report" and entry.lease_id in self._ended:
+                logger.info("%s: %s dropped: the server already ended the trial (%s)",
+                            entry.label, entry.what, self._ended[entry.lease_id][0])
+                self.spool.remove(entry)
+                self._settle(entry, None)
+                continue
+            try:
+                answer = self.client.send_result(entry.call, entry.trial_id, entry.body,
+                                                 patience_s=0)
+            except ServerUnreachable as error:
+                self._note_unreachable(error, entries[-1].sequence)
+                return
+            except LeaseLost as error:
+                logger.warning("%s: %s dropped: %s", entry.label, entry.what, error)
+                self._lost.add(entry.lease_id)
+            except ServerError as error:
+                if error.unauthorised:
+                    # The token, not the result, is wrong: keep it for a worker that
+                    # has the right one.
+                    logger.error("%s: %s kept in the spool: %s", entry.label, entry.what,
+                                 error)
+                    self._unauthorised = error
+                    return
+                logger.error("%s: %s refused by the server and dropped: %s", entry.label,
+                             entry.what, error)
+            else:
+                answers[entry.sequence] = answer
+                self._recorded(entry, answer)
+            self.spool.remove(entry)
+            self._settle(entry, answer)
+        if self._unreachable_since is not None:
+            logger.info("server answers again after %.1f s; every spooled result is "
+                        "delivered", time.monotonic() - self._unreachable_since)
+            self._unreachable_since = None
 
     def drain(self, stop: threading.Event) -> bool:
         """Deliver until the spool is empty, pausing longer after each failed pass; False
@@ -274,16 +378,64 @@ class Outbox:
                 return False
             delay_s = min(delay_s * 2, MAX_RETRY_DELAY_S)
 
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop the sender thread after the pass it owes, if any; posting ends here."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._sender is not None:
+            self._sender.join(timeout_s)
+
+    def _spool(
+        self, call: ResultCall, trial: protocol.TrialAssignment, body: BaseModel,
+        on_delivery: Callable[[Delivery], None] | None,
+    ) -> Posted:
+        with self._tracking:
+            entry = self.spool.append(call, trial.trial_id, trial.study_name, trial.number,
+                                      body)
+            posted = Posted(entry, on_delivery)
+            self._posted[entry.sequence] = posted
+        return posted
+
+    def _settle(self, entry: Entry, answer: protocol.Decision | protocol.Ack | None) -> None:
+        with self._tracking:
+            posted = self._posted.pop(entry.sequence, None)
+        if posted is not None:
+            posted._settle(Delivery(
+                answer=answer, ended=self._action(entry.lease_id),
+                lease_lost=entry.lease_id in self._lost, waiting=len(self.spool),
+            ))
+
+    def _action(self, lease_id: str) -> str | None:
+        ended = self._ended.get(lease_id)
+        return ended[0] if ended is not None else None
+
+    def _send_posted(self) -> None:
+        """The sender thread: one pass after each wake-up, until the outbox is closed."""
+        while True:
+            with self._wake:
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                if not self._pending:
+                    return
+                self._pending = False
+            try:
+                self.deliver()
+            except Exception:
+                # A surprise (a malformed answer, a full disk): the entries stay in the
+                # spool for the next pass, and the thread lives on to make it.
+                logger.exception("delivering the spool at %s failed; its results wait for "
+                                 "the next pass", self.spool.folder)
+
     def _recorded(self, entry: Entry, answer: protocol.Decision | protocol.Ack) -> None:
         if entry.sequence <= self._backlog_end:
             logger.info("%s: spooled %s delivered", entry.label, entry.what)
         if isinstance(answer, protocol.Decision):
             if answer.action != "continue":
-                self._ended[entry.lease_id] = answer.action
+                self._ended[entry.lease_id] = (answer.action, int(entry.body["epoch"]))
             return
         if self.on_recorded is not None:
             self.on_recorded(entry, answer)
-
     def _note_unreachable(self, error: ServerUnreachable, newest: int) -> None:
         self._backlog_end = newest
         if self._unreachable_since is None:

@@ -218,6 +218,48 @@ def test_prune_answer_to_a_spooled_report_ends_the_trial_and_drops_later_reports
     assert finished.answer is not None
 
 
+def test_posted_results_go_out_in_order_from_the_sender_thread_and_settle_once_tried(
+    spool: Spool
+):
+    server = FakeServer()
+    outbox = Outbox(spool, server)
+    trial = assignment()
+    threads: list[str] = []
+    server.down = True
+
+    away = outbox.post("report", trial, report(1),
+                       on_delivery=lambda _: threads.append(threading.current_thread().name))
+    first = away.wait(10)
+    server.down = False
+    answered = outbox.post("report", trial, report(2)).wait(10)
+    finished = outbox.send("complete", trial, complete())
+    outbox.close(timeout_s=10)
+
+    assert first is not None and (first.answer, first.waiting) == (None, 1)
+    assert threads and threads[0] != threading.current_thread().name
+    assert answered is not None and answered.answer == protocol.Decision(action="continue")
+    assert isinstance(finished.answer, protocol.Ack)
+    assert server.calls == [("report", 14, 1), ("report", 14, 2), ("complete", 14, None)]
+    assert len(spool) == 0
+
+
+def test_posted_report_answered_prune_is_kept_with_its_epoch(spool: Spool):
+    server = FakeServer()
+    server.answers[("report", 2)] = "prune"
+    outbox = Outbox(spool, server)
+    trial = assignment()
+
+    for epoch in (1, 2):
+        outbox.post("report", trial, report(epoch)).wait(10)
+    late = outbox.post("report", trial, report(3)).wait(10)
+    outbox.close(timeout_s=10)
+
+    assert outbox.ended("lease-1") == ("prune", 2)
+    assert outbox.ended("lease-2") is None
+    assert late is not None and (late.answer, late.ended) == (None, "prune")
+    assert server.calls == [("report", 14, 1), ("report", 14, 2)]
+
+
 def test_recorded_completions_and_failures_are_announced_but_reports_are_not(spool: Spool):
     recorded = []
     outbox = Outbox(spool, FakeServer(), on_recorded=lambda entry, ack: recorded.append(

@@ -5,11 +5,15 @@
           └──────────────────────────── complete / fail ◀─────────────────────┘
 
 Results (epoch reports, the completion, a failure) go through the spool
-(`worker.spool`): written to disk, then delivered in order. While the server cannot be
-reached the worker trains on, with no pruning answers, and the results wait; before each
-claim, and at start-up, everything waiting is delivered first, so that the server hears
-a trial's end before it is asked for the next one, and nothing a dead process left
-behind is lost.
+(`worker.spool`): written to disk, then delivered in order. An epoch's report is sent by
+the outbox's sender thread while the next epoch trains; the answer is applied when it
+comes: a "prune" or "stop" ends training at its next check (every few dozen optimizer
+steps) or epoch end, and the epochs trained past the answered one are dropped unreported.
+The completion waits for the last report's answer, so that a prune on it counts. While
+the server cannot be reached the worker trains on, with no pruning answers, and the
+results wait; before each claim, and at start-up, everything waiting is delivered first,
+so that the server hears a trial's end before it is asked for the next one, and nothing
+a dead process left behind is lost.
 
 With a checkpoint folder, every epoch of a trial is saved (`worker.checkpoint`) and a
 retried trial resumes where the lost attempt was. The checkpoint is deleted once the
@@ -40,8 +44,8 @@ from worker.client import ServerUnreachable, WorkerClient
 from worker.data import DatasetCache, DatasetUnavailable
 from worker.range_test import run_range_test
 from worker.settings import WorkerSettings
-from worker.spool import Entry, Outbox, Spool
-from worker.training import EpochResult, train_trial
+from worker.spool import Delivery, Entry, Outbox, Posted, Spool
+from worker.training import Ending, EpochResult, train_trial
 
 logger = logging.getLogger(__name__)
 
@@ -152,24 +156,45 @@ class Worker:
             target=self._heartbeat, args=(trial, finished, told_to_stop), daemon=True
         ).start()
 
-        def on_epoch(result: EpochResult) -> str:
-            delivery = self.outbox.send("report", trial, _epoch_report(trial, result))
+        reports: list[Posted] = []
+        worker_id = self.settings.worker_id
+
+        def on_epoch(result: EpochResult) -> None:
+            # Spooled here, sent by the outbox's sender thread: training goes on at once
+            # and hears the answer through `ending` (prune, stop) or `should_stop` (the
+            # lease was lost).
+            reports.append(self.outbox.post(
+                "report", trial, _epoch_report(trial, result),
+                on_delivery=lambda delivery: answered(result, delivery),
+            ))
+
+        def answered(result: EpochResult, delivery: Delivery) -> None:
+            # Runs on the delivering thread, as soon as the report has been tried.
             if delivery.lease_lost:
                 lease_lost.set()
-                return "stop"
-            if delivery.ended is not None:
-                logger.info("%s epoch %d: the server ended the trial (%s)", label,
-                            result.epoch, delivery.ended)
-                return delivery.ended
-            if not isinstance(delivery.answer, protocol.Decision):
-                logger.info("%s epoch %d: val_loss %.4f, val_accuracy %.4f, spooled (%d "
-                            "waiting); training goes on", label, result.epoch,
-                            result.val_loss, result.val_accuracy, delivery.waiting)
-                return "continue"
-            logger.info("%s epoch %d: val_loss %.4f, val_accuracy %.4f -> %s", label,
-                        result.epoch, result.val_loss, result.val_accuracy,
-                        delivery.answer.action)
-            return delivery.answer.action
+            elif isinstance(delivery.answer, protocol.Decision):
+                logger.info("%s epoch %d on worker %s: val_loss %.4f, val_accuracy %.4f -> "
+                            "%s", label, result.epoch, worker_id, result.val_loss,
+                            result.val_accuracy, delivery.answer.action)
+            elif delivery.ended is None:
+                logger.info("%s epoch %d on worker %s: val_loss %.4f, val_accuracy %.4f, "
+                            "spooled (%d waiting); training goes on", label, result.epoch,
+                            worker_id, result.val_loss, result.val_accuracy,
+                            delivery.waiting)
+
+        def ending(wait: bool) -> Ending | None:
+            if wait:
+                # Each report settles once one pass has tried it, answered or not, so
+                # this waits for the server's answers but not for an absent server.
+                for posted in reports:
+                    posted.wait()
+            ended = self.outbox.ended(trial.lease_id)
+            if ended is None:
+                return None
+            answer, epoch = ended
+            logger.info("%s on worker %s: the server answered %s to epoch %d's report; "
+                        "training ends there", label, worker_id, answer, epoch)
+            return Ending("prune" if answer == "prune" else "stop", epoch)
 
         def should_stop() -> bool:
             return self.shutdown.is_set() or told_to_stop.is_set() or lease_lost.is_set()
@@ -191,7 +216,7 @@ class Worker:
             if schedule is None:
                 raise ValueError(f"the server sent a {trial.kind} trial without its settings")
             outcome = train_trial(schedule, trial.task, trial.objective, data,
-                                  self.device, on_epoch, should_stop, checkpoint)
+                                  self.device, on_epoch, should_stop, checkpoint, ending)
         except Exception as error:
             finished.set()
             if lease_lost.is_set():
@@ -275,6 +300,7 @@ class Worker:
 
     def _close(self) -> None:
         try:
+            self.outbox.close(timeout_s=self.settings.request_timeout_s)
             if len(self.spool):
                 self.outbox.deliver()
             waiting = len(self.spool)

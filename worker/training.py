@@ -1,9 +1,16 @@
 """The training loop of one trial. It knows nothing of HTTP.
 
-`train_trial` is handed the trial's parameters and task, the prepared data and two
-callables: `on_epoch` reports an epoch and returns the server's answer (`continue`,
-`prune` or `stop`), and `should_stop` says whether the worker has been asked to quit.
-The same loop serves the worker, the benchmarks and the tests.
+`train_trial` is handed the trial's parameters and task, the prepared data and small
+callables. `on_epoch` reports an epoch and returns the server's answer (`continue`,
+`prune` or `stop`), or None when the answer comes later: the report is on its way and
+training goes on at once. `ending` then says whether such an answer has ended the trial
+(an `Ending`: `prune` or `stop`, and the epoch whose report it answered); it is asked
+at every `should_stop` check (every `CHECK_EVERY_STEPS` optimizer steps) and at every
+epoch's end, and after the last epoch it is asked to wait for the answers still due, so
+that a prune on the last report counts. A trial ended so keeps the epochs up to the one
+answered; an epoch trained past it, whole or in part, is dropped unreported.
+`should_stop` says whether the worker has been asked to quit. The same loop serves the
+worker, the benchmarks and the tests.
 
 With a `CheckpointStore` it saves its state after every epoch and, when the store holds
 a checkpoint of the same trial, resumes from it: the epochs already done are handed to
@@ -73,6 +80,19 @@ class EpochResult:
     momentums: list[float]
 
 
+@dataclass(frozen=True)
+class Ending:
+    """The server ended the trial: its `answer` to the report of `epoch`."""
+
+    answer: Literal["prune", "stop"]
+    epoch: int
+
+
+def no_ending(wait: bool) -> Ending | None:
+    """`ending` for an `on_epoch` that always answers at once: no answer comes later."""
+    return None
+
+
 @dataclass
 class TrialOutcome:
     status: Literal["complete", "pruned", "stopped"]
@@ -108,12 +128,17 @@ def train_trial(
     objective: str,
     data: PreparedData,
     device: torch.device,
-    on_epoch: Callable[[EpochResult], str],
+    on_epoch: Callable[[EpochResult], str | None],
     should_stop: Callable[[], bool] = lambda: False,
     checkpoint: CheckpointStore | None = None,
+    ending: Callable[[bool], Ending | None] = no_ending,
 ) -> TrialOutcome:
     """Train `task.model` on `data` under the trial's CyclicLR (or a baseline's schedule)
     and report every epoch.
+
+    `on_epoch(result)` returns the answer to the report, or None when it comes later
+    through `ending(wait)`; `ending(False)` must not block, `ending(True)` may wait for
+    every report's answer (or for the server to be found away).
 
     Deterministic on the CPU: the same arguments give the same results, and a run resumed
     from a `checkpoint` gives the same epochs as one that was never interrupted. The
@@ -151,9 +176,9 @@ def train_trial(
             model, optimizer, scheduler, shuffle = _build(params, task, data, device, steps)
             epochs, iteration = [], 0
         for index, result in enumerate(epochs):
-            ending = _ending(on_epoch(result))
-            if ending is not None:
-                return _outcome(ending, epochs[: index + 1], objective)
+            answered = _ending(on_epoch(result))
+            if answered is not None:
+                return _outcome(answered, epochs[: index + 1], objective)
 
     for epoch in range(len(epochs) + 1, task.epochs + 1):
         started = time.perf_counter()
@@ -166,8 +191,14 @@ def train_trial(
         momentums: list[float] = []
 
         for step in range(steps):
-            # Stop when asked, and give up early on a diverged run
+            # Hear a late answer that ended the trial, stop when asked, and give up early
+            # on a diverged run
             if iteration % CHECK_EVERY_STEPS == 0:
+                heard = ending(False)
+                if heard is not None:
+                    logger.debug("training ends at epoch %d, step %d: the report of epoch %d "
+                                 "was answered %s", epoch, step, heard.epoch, heard.answer)
+                    return _ended(heard, epochs, objective)
                 if should_stop():
                     logger.info("training stopped on request at epoch %d, step %d", epoch, step)
                     return _outcome("stopped", epochs, objective)
@@ -203,6 +234,15 @@ def train_trial(
                 f"{train_loss:.4g}, last lr {lrs[-1]:.6g}); the LR may be too high, try a lower "
                 "max_lr"
             )
+
+        # Hear what came in while the epoch ran: a trial the server has ended gets no
+        # more epochs, and this one is dropped unreported
+        heard = ending(False)
+        if heard is not None:
+            logger.debug("training ends after epoch %d: the report of epoch %d was answered "
+                         "%s", epoch, heard.epoch, heard.answer)
+            return _ended(heard, epochs, objective)
+
         result = EpochResult(
             epoch=epoch,
             iterations=iteration,
@@ -229,14 +269,18 @@ def train_trial(
             checkpoint.save(_state(config, epochs, iteration, model, optimizer, scheduler,
                                    shuffle, device))
 
-        # Report, and follow the answer
-        ending = _ending(on_epoch(result))
-        if ending is not None:
-            return _outcome(ending, epochs, objective)
+        # Report, and follow the answer if it comes at once
+        answered = _ending(on_epoch(result))
+        if answered is not None:
+            return _outcome(answered, epochs, objective)
         if epoch < task.epochs and should_stop():
             logger.info("training stopped on request after epoch %d", epoch)
             return _outcome("stopped", epochs, objective)
 
+    # The answers still due decide how the trial ended: a prune on the last report counts
+    heard = ending(True)
+    if heard is not None:
+        return _ended(heard, epochs, objective)
     return _outcome("complete", epochs, objective)
 
 
@@ -311,8 +355,11 @@ def _restore(
     return [EpochResult(**result) for result in saved.epochs], saved.iteration
 
 
-def _ending(answer: str) -> Literal["pruned", "stopped"] | None:
-    """What the server's answer to a report means for training: go on (None) or end."""
+def _ending(answer: str | None) -> Literal["pruned", "stopped"] | None:
+    """What the server's answer to a report means for training: go on (None) or end.
+    None is no answer yet: training goes on, and `ending` brings the answer later."""
+    if answer is None:
+        return None
     if answer == "prune":
         return "pruned"
     if answer == "stop":
@@ -320,6 +367,14 @@ def _ending(answer: str) -> Literal["pruned", "stopped"] | None:
     if answer != "continue":
         raise ValueError(f"on_epoch answered {answer!r}; expected one of {', '.join(ANSWERS)}")
     return None
+
+
+def _ended(heard: Ending, epochs: list[EpochResult], objective: str) -> TrialOutcome:
+    """The outcome of a trial ended by a late answer: the epochs up to the one answered."""
+    status = _ending(heard.answer)
+    if status is None:
+        raise ValueError(f"ending gave the answer {heard.answer!r}; expected prune or stop")
+    return _outcome(status, epochs[: heard.epoch], objective)
 
 
 def _check_finite(

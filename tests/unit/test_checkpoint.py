@@ -12,7 +12,7 @@ import torch
 from clrsearch.spec import CyclicParams, OptimizerSpec
 from tests.unit.test_training import CPU, tiny_data, tiny_task
 from worker.checkpoint import CheckpointStore
-from worker.training import EpochResult, train_trial
+from worker.training import Ending, EpochResult, train_trial
 
 EPOCHS = 5
 
@@ -127,6 +127,29 @@ def test_checkpoint_after_the_last_epoch_only_reports_again(tmp_path: Path):
 
     assert (again.status, again.value, calls) == ("complete", first.value, [1, 2])
     assert again.epochs == first.epochs
+
+
+def test_resumed_run_whose_answers_come_later_reports_again_and_hears_a_late_prune(
+    tmp_path: Path
+):
+    params, optimizer = CASES["triangular-sgd"]
+    task = tiny_task(epochs=4, optimizer=optimizer)
+    run(params, task, store_in(tmp_path), stop_after_epochs=2)
+    reported: list[EpochResult] = []
+
+    def on_epoch(result: EpochResult) -> None:
+        reported.append(result)
+
+    def ending(wait: bool) -> Ending | None:
+        # The answer to the second report again comes in once training has gone on.
+        return Ending("prune", 2) if len(reported) >= 2 else None
+
+    outcome = train_trial(params, task, "val_loss", tiny_data(), CPU, on_epoch,
+                          checkpoint=store_in(tmp_path), ending=ending)
+
+    assert [epoch.epoch for epoch in reported] == [1, 2]
+    assert (outcome.status, outcome.epochs_run) == ("pruned", 2)
+    assert outcome.epochs == reported
 
 
 def test_prune_answer_to_a_reported_again_epoch_ends_the_trial_as_pruned(tmp_path: Path):

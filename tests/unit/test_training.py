@@ -12,7 +12,13 @@ from clrsearch.protocol import EpochReport
 from clrsearch.spec import CyclicParams, OptimizerSpec, TaskSpec
 from tests.reference import torch_cyclic_reference
 from worker.data import DatasetCache, PreparedData
-from worker.training import EpochResult, TrainingDiverged, train_trial
+from worker.training import (
+    Ending,
+    EpochResult,
+    TrainingDiverged,
+    no_ending,
+    train_trial,
+)
 
 CPU = torch.device("cpu")
 GAMMA = 0.9
@@ -227,3 +233,97 @@ def test_training_on_digits_learns(tmp_path: Path):
     first, last = outcome.epochs
     assert last.val_loss < first.val_loss
     assert last.val_accuracy > 0.5
+
+
+def late(answers: dict[int, Ending], waited: Ending | None = None):
+    """An `ending` that hears answers[n] at its n-th question (counted from 1) and after,
+    and `waited` when asked to wait; also returns the questions asked, as wait flags."""
+    asked: list[bool] = []
+
+    def ending(wait: bool) -> Ending | None:
+        asked.append(wait)
+        if wait and waited is not None:
+            return waited
+        heard = [answer for number, answer in answers.items() if number <= len(asked)]
+        return heard[0] if heard else None
+
+    return ending, asked
+
+
+def run_unanswered(task, data=None, ending=no_ending, **kwargs):
+    """train_trial whose on_epoch leaves every answer for later (returns None)."""
+    reported: list[EpochResult] = []
+
+    def on_epoch(result: EpochResult) -> None:
+        reported.append(result)
+
+    outcome = train_trial(PARAMS, task, "val_loss", data or tiny_data(), CPU, on_epoch,
+                          ending=ending, **kwargs)
+    return outcome, reported
+
+
+def test_late_prune_heard_mid_epoch_keeps_exactly_the_epochs_up_to_the_pruned_one():
+    # 60 single-sample batches an epoch: questions at step 0, step 50, the end of epoch 1,
+    # then step 40 of epoch 2 (iteration 100), where the prune of epoch 1 is heard.
+    ending, asked = late({4: Ending("prune", 1)})
+
+    outcome, reported = run_unanswered(tiny_task(epochs=3, batch_size=1), tiny_data(train=60),
+                                       ending)
+
+    assert (outcome.status, outcome.epochs_run) == ("pruned", 1)
+    assert [epoch.epoch for epoch in reported] == [1]
+    assert outcome.epochs == reported
+    assert outcome.value == reported[0].val_loss
+    assert asked == [False] * 4
+
+
+def test_late_prune_heard_at_an_epoch_end_drops_that_epoch_unreported():
+    # Five steps an epoch: questions at step 0, then at each epoch's end.
+    ending, asked = late({3: Ending("prune", 1)})
+
+    outcome, reported = run_unanswered(tiny_task(epochs=4), ending=ending)
+
+    assert (outcome.status, outcome.epochs_run) == ("pruned", 1)
+    assert [epoch.epoch for epoch in reported] == [1]
+    assert outcome.value == reported[0].val_loss
+    assert len(asked) == 3
+
+
+def test_late_stop_heard_mid_run_ends_the_trial_as_stopped_at_the_answered_epoch():
+    ending, _ = late({4: Ending("stop", 2)})
+
+    outcome, reported = run_unanswered(tiny_task(epochs=5), ending=ending)
+
+    assert (outcome.status, outcome.epochs_run) == ("stopped", 2)
+    assert [epoch.epoch for epoch in reported] == [1, 2]
+    assert outcome.value == reported[1].val_loss
+
+
+def test_answers_still_due_after_the_last_epoch_are_waited_for_and_a_prune_counts():
+    ending, asked = late({}, waited=Ending("prune", 3))
+
+    outcome, reported = run_unanswered(tiny_task(epochs=3), ending=ending)
+
+    assert (outcome.status, outcome.epochs_run) == ("pruned", 3)
+    assert outcome.epochs == reported
+    assert asked[-1] is True and asked.count(True) == 1
+
+
+def test_late_prune_of_an_earlier_epoch_heard_after_the_last_one_drops_the_later_epochs():
+    ending, _ = late({}, waited=Ending("prune", 2))
+
+    outcome, reported = run_unanswered(tiny_task(epochs=3), ending=ending)
+
+    assert (outcome.status, outcome.epochs_run) == ("pruned", 2)
+    assert outcome.epochs == reported[:2]
+    assert outcome.value == reported[1].val_loss
+
+
+def test_unanswered_reports_with_no_late_answer_train_every_epoch_as_answered_ones_do():
+    answered, _ = run(task=tiny_task(epochs=3))
+    unanswered, reported = run_unanswered(tiny_task(epochs=3))
+
+    assert unanswered.status == "complete"
+    assert len(reported) == 3
+    assert [e.val_loss for e in unanswered.epochs] == [e.val_loss for e in answered.epochs]
+

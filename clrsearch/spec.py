@@ -214,6 +214,9 @@ class TaskSpec(_Strict):
     seed: int = Field(0, ge=0)
     fake_size: int = Field(512, ge=16, le=100000)
     image_size: int | None = Field(None, ge=8, le=1024)
+    # Forward and loss arithmetic. "auto": bfloat16 autocast on a CUDA device that
+    # supports it, float32 elsewhere (CPU results are those of plain float32).
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
     @field_validator("model")
     @classmethod

@@ -45,7 +45,7 @@ from worker.data import DatasetCache, DatasetUnavailable
 from worker.range_test import run_range_test
 from worker.settings import WorkerSettings
 from worker.spool import Delivery, Entry, Outbox, Posted, Spool
-from worker.training import Ending, EpochResult, train_trial
+from worker.training import Ending, EpochResult, PrecisionUnavailable, train_trial
 
 logger = logging.getLogger(__name__)
 
@@ -221,8 +221,9 @@ class Worker:
             finished.set()
             if lease_lost.is_set():
                 return
-            # Missing data may be present on another worker; a training error is not.
-            retryable = isinstance(error, DatasetUnavailable)
+            # Missing data or a precision this device lacks may be present on another
+            # worker; a training error is not.
+            retryable = isinstance(error, (DatasetUnavailable, PrecisionUnavailable))
             logger.error("%s failed on worker %s: %s", label, self.settings.worker_id, error)
             self._send_fail(trial, traceback.format_exc(), retryable=retryable)
             return

@@ -22,12 +22,21 @@ The LR of every step is torch's `CyclicLR` value for that step: the scheduler is
 stepped once after every optimizer step, including the last, partial batch of an
 epoch, and the LR and momentum recorded for a step are the ones that step applied.
 
+`task.precision` picks the arithmetic of forward and loss (validation too): `auto` is
+bfloat16 autocast on a CUDA device that supports it and float32 everywhere else, so CPU
+results are those of plain float32; `bfloat16` on a device without it raises
+`PrecisionUnavailable`. bfloat16 keeps float32's exponent range, so no gradient scaler
+is needed; weights, gradients and the optimizer stay float32.
+
 Errors: `TrainingDiverged` (a `ValueError`) when a loss turns NaN or infinite; a
-retry with the same parameters would diverge again.
+retry with the same parameters would diverge again. `PrecisionUnavailable` (a
+`ValueError`) when `task.precision` asks for what this device cannot do; another
+worker's device may.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -62,6 +71,10 @@ ANSWERS = ("continue", "prune", "stop")
 
 class TrainingDiverged(ValueError):
     """A loss became NaN or infinite; the message names the epoch, the step and the LR."""
+
+
+class PrecisionUnavailable(ValueError):
+    """`task.precision` is `bfloat16` and this device cannot compute in it."""
 
 
 @dataclass
@@ -147,6 +160,7 @@ def train_trial(
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    compute_dtype = autocast_dtype(task.precision, device)
 
     # Build model, optimizer and schedule
     data = data.to(device)
@@ -205,14 +219,17 @@ def train_trial(
                 if step > 0:
                     _check_finite(step_losses[:step], epoch, steps, iteration - step, lrs)
 
-            # Record the LR and momentum this step applies (Python floats: no sync)
+            # Record the LR and momentum this step applies. CyclicLR keeps them as Python
+            # floats, so reading them is no sync (a tensor LR on the device would be one)
             lrs.append(float(optimizer.param_groups[0]["lr"]))
             momentums.append(momentum_of(optimizer))
 
-            # Forward and backward
+            # Forward (in the task's precision) and backward (gathering a batch by an
+            # index tensor on the device is no sync)
             start, end = bounds[step]
             index = order[start:end]
-            loss = F.cross_entropy(model(data.train_x[index]), data.train_y[index])
+            with _autocast(compute_dtype, device):
+                loss = F.cross_entropy(model(data.train_x[index]), data.train_y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
 
@@ -227,7 +244,8 @@ def train_trial(
         train_loss = float((step_losses * batch_sizes).sum().item()) / train_count
 
         # Evaluate (host sync)
-        val_loss, val_accuracy = _evaluate(model, data.val_x, data.val_y, eval_batch_size)
+        with _autocast(compute_dtype, device):
+            val_loss, val_accuracy = _evaluate(model, data.val_x, data.val_y, eval_batch_size)
         if not math.isfinite(val_loss):
             raise TrainingDiverged(
                 f"validation loss is {val_loss} after epoch {epoch} (training loss "
@@ -282,6 +300,39 @@ def train_trial(
     if heard is not None:
         return _ended(heard, epochs, objective)
     return _outcome("complete", epochs, objective)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype that forward and loss autocast to under `task.precision` on `device`, or
+    None for plain float32. Raises `PrecisionUnavailable` for bfloat16 without support."""
+    if precision == "float32":
+        return None
+    supported = False
+    if device.type == "cuda":
+        # Asked of this device, not the current one; emulated bfloat16 (CUDA devices
+        # before Ampere) is slower than float32, so it does not count.
+        with torch.cuda.device(device):
+            supported = torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "auto":
+        return torch.bfloat16 if supported else None
+    if precision == "bfloat16":
+        if not supported:
+            raise PrecisionUnavailable(
+                f"task.precision is 'bfloat16', but this worker's device ({device}) cannot "
+                "compute in bfloat16: it needs a CUDA device of compute capability 8.0 or "
+                "newer. Set task.precision to 'auto' (bfloat16 where supported, float32 "
+                "elsewhere) or 'float32', or run the study on such GPU workers"
+            )
+        return torch.bfloat16
+    raise ValueError(f"task.precision must be auto, float32 or bfloat16, got {precision!r}")
+
+
+def _autocast(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    # float32 runs outside autocast altogether, so that CPU results stay bit for bit
+    # those of a plain loop.
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def trial_config(

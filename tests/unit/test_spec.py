@@ -72,6 +72,21 @@ def test_impossible_study_is_refused_with_a_message(spec, message) -> None:
     assert message in str(raised.value)
 
 
+def test_precision_defaults_to_auto_and_takes_float32_or_bfloat16() -> None:
+    assert StudySpec(name="x").task.precision == "auto"
+    for precision in ("auto", "float32", "bfloat16"):
+        spec = StudySpec.model_validate({"name": "x", "task": {"precision": precision}})
+        assert spec.task.precision == precision
+
+
+def test_unknown_precision_is_refused_naming_the_field_and_the_choices() -> None:
+    with pytest.raises(ValidationError) as raised:
+        StudySpec.model_validate({"name": "x", "task": {"precision": "float16"}})
+
+    assert "task.precision" in str(raised.value)
+    assert "'auto', 'float32' or 'bfloat16'" in str(raised.value)
+
+
 def test_exp_range_gets_a_gamma_range_and_other_modes_keep_none() -> None:
     assert CyclicSpace(mode="exp_range").gamma is not None
     assert CyclicSpace(mode="triangular").gamma is None

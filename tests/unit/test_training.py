@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from worker.data import DatasetCache, PreparedData
 from worker.training import (
     Ending,
     EpochResult,
+    PrecisionUnavailable,
     TrainingDiverged,
     no_ending,
     train_trial,
@@ -327,3 +330,94 @@ def test_unanswered_reports_with_no_late_answer_train_every_epoch_as_answered_on
     assert len(reported) == 3
     assert [e.val_loss for e in unanswered.epochs] == [e.val_loss for e in answered.epochs]
 
+
+def output_dtypes():
+    """Records the dtype of every module's output while the returned hook is live."""
+    dtypes: set[torch.dtype] = set()
+
+    def record(_module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            dtypes.add(output.dtype)
+
+    return dtypes, torch.nn.modules.module.register_module_forward_hook(record)
+
+
+def test_auto_precision_on_the_cpu_is_plain_float32_bit_for_bit():
+    task = tiny_task(epochs=2, model="cnn")
+    dtypes, hook = output_dtypes()
+    try:
+        auto, _ = run(task=task)
+    finally:
+        hook.remove()
+    float32, _ = run(task=task.model_copy(update={"precision": "float32"}))
+
+    assert dtypes == {torch.float32}
+    timeless = [dataclasses.replace(epoch, duration_s=0.0) for epoch in auto.epochs]
+    assert timeless == [dataclasses.replace(epoch, duration_s=0.0) for epoch in float32.epochs]
+
+
+def test_bfloat16_on_the_cpu_is_refused_naming_the_field_and_the_fix():
+    with pytest.raises(PrecisionUnavailable, match=r"task.precision is 'bfloat16'.*Set "
+                       r"task.precision to 'auto'.*'float32'") as raised:
+        run(task=tiny_task(precision="bfloat16"))
+
+    assert isinstance(raised.value, ValueError)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bfloat16", "auto"])
+def test_bfloat16_on_cuda_autocasts_forward_and_trains(precision):
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("this CUDA device has no native bfloat16")
+    cuda = torch.device("cuda")
+    # A gentle schedule, so that the two runs stay close enough to compare.
+    params = CyclicParams(base_lr=0.001, max_lr=0.01, step_size_up=1, step_size_unit="epochs")
+    task = tiny_task(epochs=3, model="cnn", precision=precision)
+    dtypes, hook = output_dtypes()
+    try:
+        outcome = train_trial(params, task, "val_loss", tiny_data(), cuda, lambda _: "continue")
+    finally:
+        hook.remove()
+    float32 = train_trial(params, task.model_copy(update={"precision": "float32"}),
+                          "val_loss", tiny_data(), cuda, lambda _: "continue")
+
+    assert torch.bfloat16 in dtypes
+    assert outcome.status == "complete" and outcome.epochs_run == 3
+    assert all(math.isfinite(e.train_loss) and math.isfinite(e.val_loss)
+               for e in outcome.epochs)
+    # Same schedule, nearby losses (within 1 % when bfloat16 is emulated on the CPU).
+    assert [e.lrs for e in outcome.epochs] == [e.lrs for e in float32.epochs]
+    assert [e.val_loss for e in outcome.epochs] == pytest.approx(
+        [e.val_loss for e in float32.epochs], rel=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_steps_on_cuda_do_not_sync_with_the_host(monkeypatch):
+    # Count the host syncs of two trials that differ only in steps per epoch (10 and 100),
+    # with the periodic checks (a sync by design) moved out of reach: a sync in the step
+    # itself would add one per step to the second.
+    import worker.training
+
+    monkeypatch.setattr(worker.training, "CHECK_EVERY_STEPS", 10**9)
+    cuda = torch.device("cuda")
+    data = tiny_data(train=400)
+
+    def syncs(batch_size: int) -> int:
+        task = tiny_task(epochs=2, batch_size=batch_size, precision="auto")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_trial(PARAMS, task, "val_loss", data, cuda, lambda _: "continue")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchronizing" in str(warning.message) for warning in caught)
+
+    syncs(40)  # CUDA, cuBLAS and the kernels warm up
+    few, many = syncs(40), syncs(4)
+
+    assert few > 0  # the epoch-end syncs are seen, so the count means something
+    # One sync per step would add 180; a little slack for anything torch does once.
+    assert many <= few + 2

@@ -90,9 +90,26 @@ class Server:
     log: Path
 
     def cpu_s(self) -> float:
-        """CPU time (user + system) the server process has used so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time (user + system) the server has used so far: its process and the
+        processes it started (the ask-ahead proposer) while they run."""
+        return sum(_process_cpu_s(pid) for pid in _process_tree(self.pid))
+
+
+def _process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                pids.extend(_process_tree(int(child)))
+    return pids
+
+
+def _process_cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0  # it ended meanwhile
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -186,6 +203,8 @@ class Cycle:
     total_s: float = 0.0
     pruned: bool = False
     finished_at: float = 0.0
+    # The objective a trial that ran to its end completed with; None when pruned.
+    value: float | None = None
 
 
 class SimulatedWorker:
@@ -224,6 +243,7 @@ class SimulatedWorker:
         sent = time.perf_counter()
         self._post(f"{path}/complete", {"lease_id": trial["lease_id"], "value": loss,
                                         "pruned": cycle.pruned})
+        cycle.value = None if cycle.pruned else loss
         cycle.finished_at = time.perf_counter()
         cycle.complete_s = cycle.finished_at - sent
         cycle.total_s = cycle.finished_at - started
@@ -296,6 +316,7 @@ class HandDriven:
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             self.study.tell(trial, loss)
+            cycle.value = loss
         cycle.finished_at = time.perf_counter()
         cycle.complete_s = cycle.finished_at - sent
         cycle.total_s = cycle.finished_at - started

@@ -206,7 +206,7 @@ def claim(
     # other claims need not wait for it (OptunaBridge.propose).
     with unit_of_work(sessions) as session:
         spec = domain.study_to_sample(session)
-    proposal = bridge.propose(spec) if spec is not None else None
+    proposal = bridge.next_proposal(spec) if spec is not None else None
     with unit_of_work(sessions) as session:
         return domain.claim(session, bridge, settings, body, proposal)
 

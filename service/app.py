@@ -20,6 +20,7 @@ from service.db import db_now, make_engine, make_sessionmaker, unit_of_work
 from service.errors import ClrsearchError
 from service.migrations import upgrade_database
 from service.optuna_bridge import OptunaBridge
+from service.proposer import AskAhead
 from service.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ def create_app(settings: ServerSettings | None = None, migrate: bool = True) -> 
             await asyncio.to_thread(upgrade_database, settings.database_url)
         engine = make_engine(settings.database_url)
         app.state.sessions = make_sessionmaker(engine)
-        app.state.bridge = OptunaBridge(engine)
+        app.state.bridge = OptunaBridge(
+            engine, AskAhead(settings.database_url) if settings.ask_ahead else None)
         stopping = asyncio.Event()
         sweeper = asyncio.create_task(
             _sweep_forever(app, settings.sweep_interval_s, stopping))

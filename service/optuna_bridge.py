@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from clrsearch.spec import CyclicParams, CyclicSpace, FloatRange, StudySpec, searched_params
 from service.db import POSTGRES_CLOCK_SQL, remember_db_now
+from service.proposer import AskAhead
 from service.settings import normalise_database_url
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,39 @@ class SqlJournalBackend(BaseJournalBackend):
                 text(f"SELECT COALESCE(MAX(log_number), -1) FROM {self._table}")
             ).scalar_one()
             _write_journal(connection, self._table, last + 1, [json.dumps(log) for log in logs])
+
+
+class _ReadOnlyJournal(SqlJournalBackend):
+    """The journal as the ask-ahead proposer reads it: committed lines only, no writes.
+    Within `one_read`, only the first read goes to the database: a draft reads Optuna's
+    storage several times, and what was committed a millisecond later can wait."""
+
+    def __init__(self, database_url: str) -> None:
+        super().__init__(database_url)
+        self._read_once = False
+        self._done = False
+
+    @contextlib.contextmanager
+    def one_read(self) -> Iterator[None]:
+        self._read_once, self._done = True, False
+        try:
+            yield
+        finally:
+            self._read_once = False
+
+    def read_logs(self, log_number_from: int) -> list[dict[str, Any]]:
+        if self._read_once and self._done:
+            return []
+        self._done = True
+        return super().read_logs(log_number_from)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        raise RuntimeError("the ask-ahead proposer tried to write Optuna's journal")
+
+
+def read_only_storage(database_url: str) -> optuna.storages.JournalStorage:
+    """Optuna's storage over committed journal lines; any write raises."""
+    return optuna.storages.JournalStorage(_ReadOnlyJournal(database_url))
 
 
 @contextlib.contextmanager
@@ -413,6 +447,45 @@ class Proposal:
     optuna_params: dict[str, Any]
     params: CyclicParams
     system_attrs: dict[str, Any]
+    # Finished trials of the study in the copy it was sampled on (ask-ahead's freshness).
+    finished: int = 0
+
+
+def _draft(study: optuna.Study, spec: StudySpec) -> Proposal | None:
+    """The study's next trial as `ask` would sample it, with nothing written; None while
+    trials wait in Optuna's queue (the ask takes those)."""
+    study._thread_local.cached_all_trials = None  # what `Study.ask` does first
+    trials = study.get_trials(deepcopy=False)
+    if any(trial.state == TrialState.WAITING for trial in trials):
+        return None
+    draft = _DraftTrial(study, len(trials))
+    params = suggest_params(draft, spec.space)
+    finished = sum(1 for trial in trials if trial.state.is_finished())
+    return Proposal(spec.name, draft.number, draft.chosen, params, draft.system_attrs,
+                    finished)
+
+
+def _finished_count(study: optuna.Study) -> int:
+    return sum(1 for trial in study.get_trials(deepcopy=False) if trial.state.is_finished())
+
+
+def draft_next_trial(storage: optuna.storages.BaseStorage, studies: dict[str, optuna.Study],
+                     spec: StudySpec) -> Proposal | None:
+    """The ask-ahead proposer's draft (`service.proposer`); `studies` are kept between
+    calls, so that each draft reads only the journal's new lines."""
+    study = studies.get(spec.name)
+    if study is None:
+        try:
+            study = optuna.load_study(study_name=spec.name, storage=storage,
+                                      sampler=make_sampler(spec), pruner=make_pruner(spec))
+        except KeyError:
+            return None  # created by a transaction not yet committed
+        studies[spec.name] = study
+    backend = getattr(storage, "_backend", None)
+    if not isinstance(backend, _ReadOnlyJournal):
+        return _draft(study, spec)
+    with backend.one_read():
+        return _draft(study, spec)
 
 
 _DRAFT_TRIAL_ID = -1
@@ -500,9 +573,14 @@ class OptunaBridge:
     dropped and replayed from the database at the next use.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, ask_ahead: AskAhead | None = None) -> None:
         table = JOURNAL_TABLE if engine.dialect.name == "sqlite" else (
             f"{OPTUNA_SCHEMA}.{JOURNAL_TABLE}")
+        self._ask_ahead = ask_ahead
+        # Studies whose next trial is drafted again once this transaction commits.
+        # (spec, whether a trial was asked: then the draft is redone whatever its age).
+        self._draft_after_commit: dict[str, tuple[StudySpec, bool]] = {}
+        self.drafted_claims = 0  # claims served from an ask-ahead draft, for tests
         self._backend = _TransactionJournal(engine, table)
         self._storage: optuna.storages.JournalStorage | None = None
         self._studies: dict[str, optuna.Study] = {}
@@ -514,7 +592,9 @@ class OptunaBridge:
         self._committed = False
 
     def close(self) -> None:
-        """Nothing to release: the engine belongs to the caller."""
+        """Stop the ask-ahead proposer, if any; the engine belongs to the caller."""
+        if self._ask_ahead is not None:
+            self._ask_ahead.close()
 
     def lock_journal(self, session: Session) -> None:
         """Hold Optuna's journal until this session's transaction ends."""
@@ -537,8 +617,16 @@ class OptunaBridge:
         self._backend.attach(connection)
 
     def _transaction_committed(self, session: Session) -> None:
-        if self._holder is session:
-            self._committed = True
+        if self._holder is not session:
+            return
+        self._committed = True
+        if self._ask_ahead is not None:
+            # After the commit, so that the proposer reads what this transaction wrote.
+            for spec, asked in self._draft_after_commit.values():
+                study = self._studies.get(spec.name)
+                finished = _finished_count(study) if study is not None else 0
+                self._ask_ahead.request(spec.model_dump(mode="json"), finished, asked)
+        self._draft_after_commit.clear()
 
     def _transaction_ended(self, session: Session) -> None:
         if self._holder is not session:
@@ -548,6 +636,7 @@ class OptunaBridge:
             self._storage = None
             self._studies.clear()
         self._backend.detach()
+        self._draft_after_commit.clear()
         self._holder = None
         session.info.pop(_JOURNAL_HOLDER, None)
         self._lock.release()
@@ -578,6 +667,7 @@ class OptunaBridge:
             for params in spec.enqueue:
                 study.enqueue_trial(params, skip_if_exists=True)
             self._studies[spec.name] = study
+            self._draft_again(spec, asked=True)
 
     def _study(self, spec: StudySpec) -> optuna.Study:
         with self._lock:
@@ -591,6 +681,30 @@ class OptunaBridge:
                 )
                 self._studies[spec.name] = study
             return study
+
+    @property
+    def ask_ahead(self) -> AskAhead | None:
+        return self._ask_ahead
+
+    def _draft_again(self, spec: StudySpec, asked: bool) -> None:
+        if self._ask_ahead is not None and spec.sampler in PROPOSING_SAMPLERS:
+            before = self._draft_after_commit.get(spec.name)
+            self._draft_after_commit[spec.name] = (spec, asked or bool(before and before[1]))
+
+    def next_proposal(self, spec: StudySpec) -> Proposal | None:
+        """Settings for the study's next trial, sampled outside the journal's lock: the
+        ask-ahead proposer's draft when it is fresh enough (`service.proposer`), else
+        sampled here and now (`propose`)."""
+        study = self._studies.get(spec.name)
+        if self._ask_ahead is not None and study is not None and (
+                spec.sampler in PROPOSING_SAMPLERS):
+            with self._backend.memory_only():
+                finished = _finished_count(study)
+            drafted = self._ask_ahead.take(spec.name, finished)
+            if drafted is not None:
+                self.drafted_claims += 1
+                return drafted
+        return self.propose(spec)
 
     def propose(self, spec: StudySpec) -> Proposal | None:
         """The sampler's settings for the study's next trial, worked out before the claim
@@ -613,14 +727,7 @@ class OptunaBridge:
             return None
         try:
             with self._backend.memory_only():
-                study._thread_local.cached_all_trials = None  # what `Study.ask` does first
-                trials = study.get_trials(deepcopy=False)
-                if any(trial.state == TrialState.WAITING for trial in trials):
-                    return None
-                draft = _DraftTrial(study, len(trials))
-                params = suggest_params(draft, spec.space)
-                return Proposal(spec.name, draft.number, draft.chosen, params,
-                                draft.system_attrs)
+                return _draft(study, spec)
         except Exception:
             # The copy changed under the sampler (another thread's transaction): the
             # claim asks under the lock instead.
@@ -658,6 +765,7 @@ class OptunaBridge:
             if proposal is not None and params != proposal.params:
                 logger.warning("trial %d of study %r: Optuna gave %s, not the proposed %s",
                                trial.number, spec.name, params, proposal.params)
+            self._draft_again(spec, asked=True)
             return trial._trial_id, trial.number, params
 
     def report(self, spec: StudySpec, optuna_trial_id: int, epoch: int, value: float,
@@ -678,6 +786,7 @@ class OptunaBridge:
                 study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
             else:
                 study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+            self._draft_again(spec, asked=False)
 
     def importances(self, spec: StudySpec) -> dict[str, float]:
         """Parameter importances by Optuna's default evaluator; empty until 2 trials end."""

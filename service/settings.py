@@ -44,6 +44,9 @@ class ServerSettings(BaseSettings):
     worker_token: SecretStr | None = None
     read_token: SecretStr | None = None
     max_body_bytes: int = 16 * 1024 * 1024
+    # Sample each study's next trial in a second process before it is claimed
+    # (`service.proposer`); off, every claim samples and a seeded study is repeatable.
+    ask_ahead: bool = True
     insecure: bool = False
 
     @field_validator("database_url")

@@ -109,7 +109,9 @@ class PlainOptuna:
         )
         self.params: dict[int, dict[str, float]] = {}
 
-    def ask(self) -> optuna.Trial:
+    def ask(self, fixed: dict[str, float] | None = None) -> optuna.Trial:
+        if fixed is not None:
+            self.study.enqueue_trial(fixed)  # the settings the server's trial got
         trial = self.study.ask()
         max_lr = trial.suggest_float("max_lr", 0.01, 0.5, log=True)
         lr_ratio = trial.suggest_float("lr_ratio", 3.0, 10.0, log=True)
@@ -179,18 +181,30 @@ class ServerWorkers:
 
 @pytest.fixture
 def client(database_url: str) -> Iterator[TestClient]:
+    # Every claim samples for itself: the sampler sees exactly what plain Optuna's does.
+    settings = ServerSettings(database_url=database_url, ask_ahead=False)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def ask_ahead_client(database_url: str) -> Iterator[TestClient]:
     with TestClient(create_app(ServerSettings(database_url=database_url))) as client:
         yield client
 
 
-def run_both(case: Case, workers: ServerWorkers, plain: PlainOptuna
+def run_both(case: Case, workers: ServerWorkers, plain: PlainOptuna, database_url: str,
+             follow_server: bool = False,
              ) -> tuple[list[tuple[int, int, str]], list[tuple[int, int, str]]]:
-    """The same scenario through the server and through plain Optuna: the decisions."""
+    """The same scenario through the server and through plain Optuna: the decisions.
+    With `follow_server`, plain Optuna's trials get the settings the server's got."""
     decisions: dict[str, list[tuple[int, int, str]]] = {"server": [], "plain": []}
     for first in range(0, N_TRIALS, 2):
         numbers = [first, first + 1]
         served = {number: workers.claim(f"w{number % 2}") for number in numbers}
-        asked = {number: plain.ask() for number in numbers}
+        fixed = ({t.number: t.params for t in stored_optuna_trials(database_url)}
+                 if follow_server else {})
+        asked = {number: plain.ask(fixed.get(number)) for number in numbers}
         assert [served[n]["number"] for n in numbers] == [asked[n].number for n in numbers]
         for number in numbers:
             params = served[number]["params"]
@@ -234,8 +248,37 @@ def test_server_prunes_and_stores_what_plain_optuna_would(
     plain = PlainOptuna(case)
 
     server_decisions, plain_decisions = run_both(case, ServerWorkers(client, case.objective),
-                                                 plain)
+                                                 plain, database_url)
+    assert_same_search(case, client, database_url, plain, server_decisions, plain_decisions)
 
+
+@pytest.mark.parametrize("case_name", ["median", "hyperband-maximize"])
+def test_with_ask_ahead_the_server_prunes_and_stores_what_plain_optuna_would(
+    case_name: str, ask_ahead_client: TestClient, database_url: str
+) -> None:
+    """Ask-ahead drafts trials in another process and changes which settings they get,
+    not what is done with their reports: given the server's settings, plain Optuna
+    prunes and stores the same."""
+    case, client = CASES[case_name], ask_ahead_client
+    response = client.post("/api/v1/studies", json={
+        "name": STUDY, "n_trials": N_TRIALS, "parallelism": 2, "sampler": case.sampler,
+        "sampler_seed": SEED, "pruner": case.pruner, "objective": case.objective,
+        "task": {"epochs": case.epochs},
+    })
+    assert response.status_code == 201, response.text
+    # The study's creation asked for its first draft; claims wait for drafts once the
+    # proposer process answers.
+    assert client.app.state.bridge.ask_ahead.wait_until_answering(60)
+    plain = PlainOptuna(case)
+
+    server_decisions, plain_decisions = run_both(case, ServerWorkers(client, case.objective),
+                                                 plain, database_url, follow_server=True)
+    assert_same_search(case, client, database_url, plain, server_decisions, plain_decisions)
+    assert client.app.state.bridge.drafted_claims > 0, "no claim was served from a draft"
+
+
+def assert_same_search(case: Case, client: TestClient, database_url: str, plain: PlainOptuna,
+                       server_decisions: list, plain_decisions: list) -> None:
     assert server_decisions == plain_decisions
     assert any(action == "prune" for _, _, action in plain_decisions), "nothing was pruned"
     expected = plain.study.get_trials()

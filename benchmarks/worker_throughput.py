@@ -12,9 +12,10 @@ evaluated), three ways in the same process, interleaved repeat by repeat:
 - `train_trial`: `worker.training.train_trial` with a report callback that answers
   `continue` at once (LR and momentum logged at every step, no network);
 - `worker`: `Worker.run_trial` on a trial claimed from a real `clrsearch serve`
-  process (SQLite, pruner `none`): every epoch reported over HTTP through the worker's
-  outbox, heartbeat thread, completion. The claimed trial's parameters are replaced by
-  the fixed ones the other two use, so all three train the same thing.
+  process (SQLite, pruner `none`): every epoch spooled and reported over HTTP by the
+  outbox's sender thread while the next epoch trains, heartbeat thread, the wait for the
+  last report's answer, completion. The claimed trial's parameters are replaced by the
+  fixed ones the other two use, so all three train the same thing.
 
 Turnaround, measured in process: a real `Worker.run()` against the same server runs a
 study of `--turnaround-trials` one-epoch trials with the data set already cached.
@@ -116,13 +117,17 @@ def worker_trial(trial_worker: Worker, client: httpx.Client,
 
 
 def time_result_calls(trial_worker: Worker) -> dict[str, list[tuple[float, float]]]:
-    """Wrap the worker's result path: the outbox (spool file + HTTP) and the HTTP calls."""
-    calls: dict[str, list[tuple[float, float]]] = {"outbox": [], "http": []}
+    """Wrap the worker's result path: what the training thread spends in the outbox (each
+    report's spool file; the completion's spool file and HTTP call) and the HTTP calls
+    (the reports' on the outbox's sender thread, the completion's on the training one)."""
+    calls: dict[str, list[tuple[float, float]]] = {"outbox": [], "report": [], "complete": []}
     stamps = Stamps()
-    trial_worker.outbox.send = stamps.wrap_call(trial_worker.outbox.send, calls["outbox"])
+    for name in ("post", "send"):
+        setattr(trial_worker.outbox, name,
+                stamps.wrap_call(getattr(trial_worker.outbox, name), calls["outbox"]))
     for name in ("report", "complete"):
         setattr(trial_worker.client, name,
-                stamps.wrap_call(getattr(trial_worker.client, name), calls["http"]))
+                stamps.wrap_call(getattr(trial_worker.client, name), calls[name]))
     return calls
 
 
@@ -258,12 +263,15 @@ def main() -> None:
          for name, rate in rates.items()],
     ))
     print(f"goal: worker >= {THROUGHPUT_GOAL}x bare")
-    outbox_s = sum(end - start for start, end in calls["outbox"]) / args.repeats
-    http_s = sum(end - start for start, end in calls["http"]) / args.repeats
-    print(f"worker's result calls per trial: {outbox_s * 1000:.0f} ms in the outbox, of "
-          f"which {http_s * 1000:.0f} ms waiting for the server and "
-          f"{(outbox_s - http_s) * 1000:.0f} ms writing the spool; worker trial without "
-          f"them: {statistics.median(times['worker']) - outbox_s:.2f} s")
+    outbox_s, report_s, complete_s = (
+        sum(end - start for start, end in calls[name]) / args.repeats
+        for name in ("outbox", "report", "complete"))
+    print(f"worker's result calls per trial: {outbox_s * 1000:.0f} ms on the training "
+          f"thread in the outbox, of which {complete_s * 1000:.0f} ms waiting for the "
+          f"server's answer to the completion and {(outbox_s - complete_s) * 1000:.0f} ms "
+          f"writing the spool; the reports' HTTP calls, on the outbox's sender thread "
+          f"while training goes on: {report_s * 1000:.0f} ms; worker trial without the "
+          f"training thread's part: {statistics.median(times['worker']) - outbox_s:.2f} s")
     print()
     print(f"turnaround over {len(gaps['gap'])} trial changes (ms):")
     print(common.table(["", "p50", "max"], [

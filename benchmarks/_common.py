@@ -54,6 +54,13 @@ def add_common_options(parser: argparse.ArgumentParser, trials: int) -> None:
                         default=os.environ.get("CLRSEARCH_TEST_POSTGRES_URL",
                                                DEFAULT_POSTGRES_URL),
                         help="PostgreSQL server on which fresh databases are created")
+    parser.add_argument("--ask-ahead", action="store_true",
+                        help="run the server with CLRSEARCH_ASK_AHEAD=true (off by default)")
+
+
+def server_options(args: argparse.Namespace) -> dict[str, str]:
+    """Server settings the common options ask for, as `running_server` keywords."""
+    return {"ask_ahead": "true"} if args.ask_ahead else {}
 
 
 def quiet_optuna() -> None:

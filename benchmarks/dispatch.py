@@ -12,9 +12,9 @@ losses), and the same with in-memory storage.
 With one worker (the default) the three are interleaved in blocks of `--block` trials
 (service, then RDB, then in-memory, over and over), so that the load other processes put
 on the machine falls on all three alike; throughput over a window is its trial count
-over the summed durations of its cycles. Blocks, not single trials: the server drafts
-each study's next trial in a second process (ask-ahead), and interleaving trial by
-trial would let that work run for free while a baseline's trial is timed. With `--workers N`
+over the summed durations of its cycles. Blocks, not single trials: with `--ask-ahead`
+the server drafts each study's next trial in a second process, and interleaving trial
+by trial would let that work run for free while a baseline's trial is timed. With `--workers N`
 the service runs first with N concurrent simulated workers (throughput from the
 completion times), then the baselines.
 
@@ -106,7 +106,8 @@ def main() -> None:
     with common.workdir() as folder, \
             common.fresh_database(args.database, folder, args.postgres_url) as service_db, \
             common.fresh_database(args.database, folder, args.postgres_url) as baseline_db, \
-            common.running_server(service_db, folder, claim_retry_s="0.01") as server:
+            common.running_server(service_db, folder, claim_retry_s="0.01",
+                                  **common.server_options(args)) as server:
         common.submit(server.url, common.study_spec("dispatch", n, max(1, args.workers),
                                                     pruner=args.pruner))
         rdb = common.HandDriven(baseline_db, pruner=args.pruner)
@@ -178,8 +179,8 @@ def main() -> None:
         ])
     print(f"median ms per call, trials {a}-{b} (claim = ask, complete = tell for Optuna):")
     print(common.table(["", "claim", "report", "complete", "reports/trial", "pruned"], rows))
-    # The search itself: ask-ahead drafts trials before the last one's result is in, so
-    # the service's TPE may learn a little slower than Optuna driven by hand.
+    # The search itself: without ask-ahead the service's trials are plain Optuna's, trial
+    # for trial; with it, drafts may miss the last result and the search differs.
     rows = []
     for name, cycles in runs.items():
         values = [c.value for c in cycles if c.value is not None]

@@ -57,7 +57,7 @@ def main() -> None:
     with common.workdir() as folder, \
             common.fresh_database(args.database, folder, args.postgres_url) as service_db, \
             common.fresh_database(args.database, folder, args.postgres_url) as baseline_db, \
-            common.running_server(service_db, folder) as server:
+            common.running_server(service_db, folder, **common.server_options(args)) as server:
         common.submit(server.url, common.study_spec("growth", n, 1, sampler="random"))
         rdb = common.HandDriven(baseline_db, sampler="random") if args.optuna else None
         worker = common.SimulatedWorker(server.url, "sim-0")

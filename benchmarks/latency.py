@@ -154,7 +154,8 @@ def main() -> None:
     load = Load(trials=args.trials)
     with common.workdir() as folder, \
             common.fresh_database(args.database, folder, args.postgres_url) as database, \
-            common.running_server(database, folder, claim_retry_s="0.05") as server:
+            common.running_server(database, folder, claim_retry_s="0.05",
+                                  **common.server_options(args)) as server:
         # Room for the lone worker after the loaded phase, which stops at `trials`.
         spec = common.study_spec("latency", args.trials + args.alone, args.workers)
         common.submit(server.url, spec)

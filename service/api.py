@@ -39,15 +39,17 @@ TrialState = Literal["queued", "running", "complete", "pruned", "failed", "stopp
 bearer = HTTPBearer(auto_error=False)
 
 
-def _settings(request: Request) -> ServerSettings:
+# The dependencies are `async def` because they never block: FastAPI runs a plain `def`
+# dependency on the thread pool, a thread hop per dependency per request.
+async def _settings(request: Request) -> ServerSettings:
     return request.app.state.settings
 
 
-def _bridge(request: Request) -> OptunaBridge:
+async def _bridge(request: Request) -> OptunaBridge:
     return request.app.state.bridge
 
 
-def _sessions(request: Request) -> sessionmaker[Session]:
+async def _sessions(request: Request) -> sessionmaker[Session]:
     return request.app.state.sessions
 
 
@@ -66,7 +68,7 @@ def require(role: Role) -> Callable[..., None]:
     for GET routes.
     """
 
-    def check(
+    async def check(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:

@@ -45,8 +45,10 @@ class ServerSettings(BaseSettings):
     read_token: SecretStr | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     # Sample each study's next trial in a second process before it is claimed
-    # (`service.proposer`); off, every claim samples and a seeded study is repeatable.
-    ask_ahead: bool = True
+    # (`service.proposer`). Off by default: a drafted trial may miss the trial that just
+    # finished, and in `benchmarks/dispatch.py` that made the search measurably worse.
+    # Off, every claim samples and a seeded study is repeatable.
+    ask_ahead: bool = False
     insecure: bool = False
 
     @field_validator("database_url")

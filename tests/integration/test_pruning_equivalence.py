@@ -189,7 +189,8 @@ def client(database_url: str) -> Iterator[TestClient]:
 
 @pytest.fixture
 def ask_ahead_client(database_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(ServerSettings(database_url=database_url))) as client:
+    settings = ServerSettings(database_url=database_url, ask_ahead=True)
+    with TestClient(create_app(settings)) as client:
         yield client
 
 

@@ -104,6 +104,18 @@ def test_oversized_body_is_refused_with_413(sqlite_url: str) -> None:
     assert "CLRSEARCH_MAX_BODY_BYTES" in response.json()["detail"]
 
 
+def test_oversized_body_without_content_length_is_refused_with_413(sqlite_url: str) -> None:
+    # A generator makes httpx send the body chunked, with no Content-Length to check.
+    chunks = (b'{"name": "s", "pad": "' + b"x" * 600, b"x" * 600 + b'"}')
+    with TestClient(create_app(ServerSettings(database_url=sqlite_url,
+                                              max_body_bytes=1000))) as client:
+        response = client.post("/api/v1/studies", content=iter(chunks),
+                               headers={"content-type": "application/json"})
+
+    assert response.status_code == 413
+    assert "CLRSEARCH_MAX_BODY_BYTES" in response.json()["detail"]
+
+
 def test_serve_refuses_a_public_address_without_tokens() -> None:
     result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0"])
 

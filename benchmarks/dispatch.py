@@ -180,7 +180,8 @@ def main() -> None:
     print(f"median ms per call, trials {a}-{b} (claim = ask, complete = tell for Optuna):")
     print(common.table(["", "claim", "report", "complete", "reports/trial", "pruned"], rows))
     # The search itself: without ask-ahead the service's trials are plain Optuna's, trial
-    # for trial; with it, drafts may miss the last result and the search differs.
+    # for trial. With it the search is another random draw of the same seed, and one
+    # seed says little: `benchmarks.ask_ahead_search` compares several.
     rows = []
     for name, cycles in runs.items():
         values = [c.value for c in cycles if c.value is not None]

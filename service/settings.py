@@ -45,9 +45,9 @@ class ServerSettings(BaseSettings):
     read_token: SecretStr | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     # Sample each study's next trial in a second process before it is claimed
-    # (`service.proposer`). Off by default: a drafted trial may miss the trial that just
-    # finished, and in `benchmarks/dispatch.py` that made the search measurably worse.
-    # Off, every claim samples and a seeded study is repeatable.
+    # (`service.proposer`). Off by default: with it a seeded study is not repeatable
+    # (drafts take the sampler's random numbers in an order that depends on timing), and
+    # claims are a small part of a GPU trial. Off, every claim samples as plain Optuna.
     ask_ahead: bool = False
     insecure: bool = False
 

@@ -192,8 +192,9 @@ def py_spy(pid: int, output: Path) -> Iterator[bool]:
 def sample_server(args: argparse.Namespace) -> None:
     with common.workdir() as folder, \
             common.fresh_database(args.database, folder, args.postgres_url) as database, \
-            common.running_server(database, folder) as server:
-        common.submit(server.url, common.study_spec("profile", args.trials, 1))
+            common.running_server(database, folder, **common.server_options(args)) as server:
+        common.submit(server.url, common.study_spec("profile", args.trials, 1,
+                                                    sampler=args.sampler))
         worker = common.SimulatedWorker(server.url, "sim-0")
         for _ in range(args.trials - args.profiled):
             worker.cycle()
@@ -251,7 +252,8 @@ def count_statements(args: argparse.Namespace) -> None:
                 engines[id(client.app.state.sessions.kw["bind"])] = "ours"
                 worker = _InProcessWorker(client, current)
                 client.post("/api/v1/studies", json=common.study_spec(
-                    "count", args.warm_up + args.counted, 1)).raise_for_status()
+                    "count", args.warm_up + args.counted, 1, sampler=args.sampler),
+                ).raise_for_status()
                 for _ in range(args.warm_up):
                     worker.cycle()
                 counts.clear()
@@ -323,6 +325,9 @@ def main() -> None:
     parser.add_argument("--warm-up", type=int, default=100,
                         help="trials before the statements are counted (100)")
     parser.add_argument("--counted", type=int, default=30, help="trials counted (30)")
+    parser.add_argument("--sampler", choices=["tpe", "random"], default="tpe",
+                        help="the study's sampler; random keeps the sampler's work constant "
+                             "as the study grows, as benchmarks.growth does (tpe)")
     parser.add_argument("--keep-stacks", type=Path, help="copy py-spy's raw stacks here")
     args = parser.parse_args()
     common.quiet_optuna()

@@ -468,6 +468,8 @@ def _add_trial(
         state=models.QUEUED, params=params, attempts=0, infra_losses=0, created_at=now,
     )
     session.add(trial)
+    if kind == "cyclic":
+        study.cyclic_trials += 1
     return trial
 
 
@@ -482,19 +484,14 @@ def _count_queued(session: Session, study: Study) -> int:
 
 
 def _running_and_cyclic_counts(session: Session, study: Study) -> tuple[int, int]:
-    """The study's running trials (any kind) and its cyclic trials (the search budget)."""
+    """The study's running trials (any kind) and its cyclic trials (the search budget).
+    Only running trials are counted, through the index on state: the cost of a claim
+    must not grow with the study."""
     session.flush()
-    running, cyclic = session.execute(select(
-        func.count().filter(Trial.state == models.RUNNING),
-        func.count().filter(Trial.kind == "cyclic"),
-    ).where(Trial.study_id == study.id)).one()
-    return running, cyclic
+    running = session.scalar(select(func.count()).where(
+        Trial.state == models.RUNNING, Trial.study_id == study.id)) or 0
+    return running, study.cyclic_trials
 
-
-def _cyclic_trial_count(session: Session, study: Study) -> int:
-    session.flush()
-    return session.scalar(select(func.count()).where(
-        Trial.study_id == study.id, Trial.kind == "cyclic")) or 0
 
 
 def _range_test_done(session: Session, study: Study) -> bool:
@@ -617,7 +614,7 @@ def _complete_study_if_done(session: Session, study: Study, now: dt.datetime) ->
     # The caller holds Optuna's journal, as every claim does until its new trial is
     # committed, so the counts below cannot miss a trial that a concurrent claim is
     # adding (each count is its own snapshot under READ COMMITTED).
-    if _cyclic_trial_count(session, study) < study.n_trials:
+    if study.cyclic_trials < study.n_trials:
         return  # trials are still to be asked for: the cheap test, first
     counts = _counts_by_study(session, [study.id]).get(study.id, TrialCounts())
     finished = counts.complete + counts.pruned + counts.failed + counts.stopped

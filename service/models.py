@@ -33,6 +33,9 @@ class Study(Base):
     stop_reason: Mapped[str | None] = mapped_column(Text)
     n_trials: Mapped[int] = mapped_column(Integer)
     parallelism: Mapped[int] = mapped_column(Integer)
+    # The study's cyclic trials so far (its search budget used), kept here by `_add_trial`
+    # under the study's lock so that a claim need not count them.
+    cyclic_trials: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime)
 

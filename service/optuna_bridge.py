@@ -455,18 +455,27 @@ def _draft(study: optuna.Study, spec: StudySpec) -> Proposal | None:
     """The study's next trial as `ask` would sample it, with nothing written; None while
     trials wait in Optuna's queue (the ask takes those)."""
     study._thread_local.cached_all_trials = None  # what `Study.ask` does first
-    trials = study.get_trials(deepcopy=False)
-    if any(trial.state == TrialState.WAITING for trial in trials):
+    states = _trial_states(study)
+    if TrialState.WAITING in states:
         return None
-    draft = _DraftTrial(study, len(trials))
+    draft = _DraftTrial(study, len(states))
     params = suggest_params(draft, spec.space)
-    finished = sum(1 for trial in trials if trial.state.is_finished())
     return Proposal(spec.name, draft.number, draft.chosen, params, draft.system_attrs,
-                    finished)
+                    _finished_count(states))
 
 
-def _finished_count(study: optuna.Study) -> int:
-    return sum(1 for trial in study.get_trials(deepcopy=False) if trial.state.is_finished())
+_FINISHED = frozenset(state for state in TrialState if state.is_finished())
+
+
+def _trial_states(study: optuna.Study) -> list[TrialState]:
+    """Every trial's state, in number order. The loops over a study's trials run on each
+    claim, so they are kept to plain list and set operations (a generator calling
+    `TrialState.is_finished()` per trial took 2.5 ms at 10,000 trials)."""
+    return [trial.state for trial in study.get_trials(deepcopy=False)]
+
+
+def _finished_count(states: list[TrialState]) -> int:
+    return sum(map(_FINISHED.__contains__, states))
 
 
 def draft_next_trial(storage: optuna.storages.BaseStorage, studies: dict[str, optuna.Study],
@@ -624,7 +633,8 @@ class OptunaBridge:
             # After the commit, so that the proposer reads what this transaction wrote.
             for spec, asked in self._draft_after_commit.values():
                 study = self._studies.get(spec.name)
-                finished = _finished_count(study) if study is not None else 0
+                finished = (_finished_count(_trial_states(study)) if study is not None
+                            else 0)
                 self._ask_ahead.request(spec.model_dump(mode="json"), finished, asked)
         self._draft_after_commit.clear()
 
@@ -699,7 +709,7 @@ class OptunaBridge:
         if self._ask_ahead is not None and study is not None and (
                 spec.sampler in PROPOSING_SAMPLERS):
             with self._backend.memory_only():
-                finished = _finished_count(study)
+                finished = _finished_count(_trial_states(study))
             drafted = self._ask_ahead.take(spec.name, finished)
             if drafted is not None:
                 self.drafted_claims += 1
@@ -743,9 +753,9 @@ class OptunaBridge:
         with self._writing():
             study = self._study(spec)
             if proposal is not None and proposal.study == spec.name:
-                trials = study.get_trials(deepcopy=False)
-                overtaken = len(trials) != proposal.number
-                if any(trial.state == TrialState.WAITING for trial in trials) or (
+                states = _trial_states(study)
+                overtaken = len(states) != proposal.number
+                if TrialState.WAITING in states or (
                         # Hyperband samples each trial among its bracket's, chosen by number.
                         overtaken and isinstance(study.pruner, optuna.pruners.HyperbandPruner)):
                     proposal = None  # sampled afresh, below

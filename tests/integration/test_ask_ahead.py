@@ -11,16 +11,15 @@ from collections.abc import Iterator
 
 import optuna
 import pytest
-from sqlalchemy.orm import Session, sessionmaker
 
 from clrsearch import protocol
 from clrsearch.spec import CyclicParams, StudySpec
 from service import domain, proposer
-from service.db import make_engine, make_sessionmaker, unit_of_work
+from service.db import unit_of_work
 from service.migrations import upgrade_database
-from service.optuna_bridge import OptunaBridge, Proposal, optuna_storage, read_only_storage
+from service.optuna_bridge import Proposal, optuna_storage, read_only_storage
 from service.proposer import AskAhead
-from service.settings import ServerSettings
+from tests.inprocess import InProcessServer
 
 SPEC = {
     "name": "ahead",
@@ -33,37 +32,18 @@ SPEC = {
 }
 
 
-class Server:
-    def __init__(self, database_url: str) -> None:
-        self.engine = make_engine(database_url)
-        self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
-        self.ask_ahead = AskAhead(database_url)
-        self.bridge = OptunaBridge(self.engine, self.ask_ahead)
-        self.settings = ServerSettings(database_url=database_url)
-
-    def run_trial(self, worker_id: str, value: float) -> protocol.TrialAssignment:
-        """Claim as the claim route does (the proposal first, outside the lock), complete."""
-        with unit_of_work(self.sessions) as session:
-            spec = domain.study_to_sample(session)
-        proposal = self.bridge.next_proposal(spec) if spec is not None else None
-        with unit_of_work(self.sessions) as session:
-            trial = domain.claim(session, self.bridge, self.settings,
-                                 protocol.ClaimRequest(worker_id=worker_id), proposal).trial
-        assert trial is not None
-        with unit_of_work(self.sessions) as session:
-            domain.complete(session, self.bridge, self.settings, trial.trial_id,
-                            protocol.CompleteRequest(lease_id=trial.lease_id, value=value))
-        return trial
-
-    def close(self) -> None:
-        self.bridge.close()
-        self.engine.dispose()
+def run_trial(server: InProcessServer, worker_id: str, value: float
+              ) -> protocol.TrialAssignment:
+    """Claim as the claim route does (the proposal first, outside the lock), complete."""
+    trial = server.claim(worker_id, sample_first=True)
+    server.complete(trial, value)
+    return trial
 
 
 @pytest.fixture
-def server(database_url: str) -> Iterator[Server]:
+def server(database_url: str) -> Iterator[InProcessServer]:
     upgrade_database(database_url)
-    server = Server(database_url)
+    server = InProcessServer(database_url, ask_ahead=True)
     with unit_of_work(server.sessions) as session:
         domain.create_study(session, server.bridge, StudySpec.model_validate(SPEC))
     # The study's creation asked for its first draft.
@@ -73,7 +53,7 @@ def server(database_url: str) -> Iterator[Server]:
 
 
 def test_claims_hand_out_drafted_settings_and_optuna_stores_them(server, database_url) -> None:
-    trials = [server.run_trial("w1", value=1.0 / (number + 1)) for number in range(6)]
+    trials = [run_trial(server, "w1", value=1.0 / (number + 1)) for number in range(6)]
 
     assert server.bridge.drafted_claims >= 5  # the first claim may come before a draft
     with optuna_storage(database_url) as storage:
@@ -91,18 +71,18 @@ def test_claims_sample_by_themselves_while_the_proposer_is_down_and_it_comes_bac
     server, monkeypatch, caplog
 ) -> None:
     monkeypatch.setattr(proposer, "RESTART_AFTER_S", 0.0)
-    server.run_trial("w1", 0.5)
+    run_trial(server, "w1", 0.5)
     server.ask_ahead._process.kill()
     server.ask_ahead._process.wait()
 
     with caplog.at_level(logging.WARNING, logger="service.proposer"):
-        trial = server.run_trial("w1", 0.4)  # served while the proposer is gone
+        trial = run_trial(server, "w1", 0.4)  # served while the proposer is gone
         assert trial.number == 1
-        server.run_trial("w1", 0.3)
+        run_trial(server, "w1", 0.3)
     assert "ask-ahead proposer stopped" in caplog.text
     assert server.ask_ahead.wait_until_answering(60)
     drafted = server.bridge.drafted_claims
-    server.run_trial("w1", 0.2)
+    run_trial(server, "w1", 0.2)
     assert server.bridge.drafted_claims == drafted + 1
 
 

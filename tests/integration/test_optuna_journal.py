@@ -12,15 +12,14 @@ from typing import Any
 
 import optuna
 import pytest
-from sqlalchemy.orm import Session, sessionmaker
 
 from clrsearch import protocol
 from clrsearch.spec import StudySpec
 from service import domain
-from service.db import make_engine, make_sessionmaker, unit_of_work
+from service.db import unit_of_work
 from service.migrations import upgrade_database
-from service.optuna_bridge import OptunaBridge, optuna_storage
-from service.settings import ServerSettings
+from service.optuna_bridge import optuna_storage
+from tests.inprocess import InProcessServer
 
 SPEC = {
     "name": "journal",
@@ -33,39 +32,10 @@ SPEC = {
 }
 
 
-class Server:
-    """What one server process holds: an engine, its sessions and its bridge."""
-
-    def __init__(self, database_url: str) -> None:
-        self.engine = make_engine(database_url)
-        self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
-        self.bridge = OptunaBridge(self.engine)
-        self.settings = ServerSettings(database_url=database_url)
-
-    def claim(self, worker_id: str) -> protocol.TrialAssignment:
-        with unit_of_work(self.sessions) as session:
-            answer = domain.claim(session, self.bridge, self.settings,
-                                  protocol.ClaimRequest(worker_id=worker_id))
-        assert answer.trial is not None
-        return answer.trial
-
-    def report(self, trial: protocol.TrialAssignment, epoch: int, value: float) -> str:
-        body = protocol.EpochReport(
-            lease_id=trial.lease_id, epoch=epoch, iterations=10 * epoch, train_loss=value,
-            val_loss=value, val_accuracy=0.5, duration_s=0.1,
-        )
-        with unit_of_work(self.sessions) as session:
-            return domain.report(session, self.bridge, self.settings, trial.trial_id,
-                                 body).action
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-
 @pytest.fixture
-def servers(database_url: str) -> Iterator[tuple[Server, Server]]:
+def servers(database_url: str) -> Iterator[tuple[InProcessServer, InProcessServer]]:
     upgrade_database(database_url)
-    first, second = Server(database_url), Server(database_url)
+    first, second = InProcessServer(database_url), InProcessServer(database_url)
     with unit_of_work(first.sessions) as session:
         domain.create_study(session, first.bridge, StudySpec.model_validate(SPEC))
     yield first, second
@@ -130,7 +100,7 @@ def test_optunas_data_cannot_change_without_the_journals_lock(servers) -> None:
 def test_a_journal_from_the_old_second_sqlite_file_is_copied_in(tmp_path) -> None:
     old_url = f"sqlite:///{tmp_path / 'old.db'}"
     upgrade_database(old_url)
-    old = Server(old_url)
+    old = InProcessServer(old_url)
     with unit_of_work(old.sessions) as session:
         domain.create_study(session, old.bridge, StudySpec.model_validate(SPEC))
     old.claim("w1")
@@ -192,7 +162,8 @@ def test_a_proposal_overtaken_by_another_claim_gives_the_next_trial_its_settings
     assert stored[1].params["max_lr"] == pytest.approx(stale.params.max_lr)
 
 
-def claim_with(server: Server, worker_id: str, proposal: Any) -> protocol.TrialAssignment:
+def claim_with(server: InProcessServer, worker_id: str, proposal: Any
+               ) -> protocol.TrialAssignment:
     with unit_of_work(server.sessions) as session:
         trial = domain.claim(session, server.bridge, server.settings,
                              protocol.ClaimRequest(worker_id=worker_id), proposal).trial

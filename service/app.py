@@ -155,8 +155,7 @@ class _BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge(413, f"a request body is over the {self.max_bytes}"
-                                             "-byte limit (CLRSEARCH_MAX_BODY_BYTES)")
+                    raise _BodyTooLarge(413, self._too_large("a request body"))
             return message
 
         async def noting_send(message: Message) -> None:
@@ -172,10 +171,9 @@ class _BodySizeLimit:
                 raise
             await self._refuse(scope, receive, send, "a request body")
 
+    def _too_large(self, what: str) -> str:
+        return f"{what} is over the {self.max_bytes}-byte limit (CLRSEARCH_MAX_BODY_BYTES)"
+
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
-        response = JSONResponse(
-            {"detail": f"{what} is over the {self.max_bytes}-byte limit "
-                       "(CLRSEARCH_MAX_BODY_BYTES)"},
-            status_code=413,
-        )
+        response = JSONResponse({"detail": self._too_large(what)}, status_code=413)
         await response(scope, receive, send)

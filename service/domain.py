@@ -493,7 +493,6 @@ def _running_and_cyclic_counts(session: Session, study: Study) -> tuple[int, int
     return running, study.cyclic_trials
 
 
-
 def _range_test_done(session: Session, study: Study) -> bool:
     state = session.scalar(select(Trial.state).where(
         Trial.study_id == study.id, Trial.kind == "range_test"))

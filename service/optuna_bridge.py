@@ -491,9 +491,8 @@ def draft_next_trial(storage: optuna.storages.BaseStorage, studies: dict[str, op
             return None  # created by a transaction not yet committed
         studies[spec.name] = study
     backend = getattr(storage, "_backend", None)
-    if not isinstance(backend, _ReadOnlyJournal):
-        return _draft(study, spec)
-    with backend.one_read():
+    with (backend.one_read() if isinstance(backend, _ReadOnlyJournal)
+          else contextlib.nullcontext()):
         return _draft(study, spec)
 
 

@@ -23,7 +23,8 @@ trials is never handed out: a new one is drafted after every tell, and a claim w
 it or samples itself. One missed trial is what plain Optuna gives when one more worker
 runs in parallel (TPE's constant liar counts that trial as running). Drafts consume the
 sampler's random numbers in an order that depends on timing, so a seeded study is not
-repeatable run to run with ask-ahead on (`CLRSEARCH_ASK_AHEAD=false` makes it so).
+repeatable run to run with ask-ahead on; that is why it is off unless
+`CLRSEARCH_ASK_AHEAD=true`.
 """
 
 from __future__ import annotations

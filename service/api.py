@@ -7,7 +7,7 @@ import hmac
 from collections.abc import Callable
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
@@ -199,54 +199,63 @@ def list_workers(sessions: SessionsDep) -> list[WorkerView]:
         return domain.list_workers(session)
 
 
-@workers.post("/claim")
-def claim(
-    body: protocol.ClaimRequest, sessions: SessionsDep, bridge: BridgeDep,
-    settings: SettingsDep,
-) -> protocol.ClaimResponse:
+# The worker protocol's routes are the hot path: hundreds of calls a minute on a busy
+# study. They take the app's state from the request instead of through three
+# dependencies, and return their JSON themselves: FastAPI passes a Response through
+# without validating and serialising the answer again (`response_model` still documents
+# it). Together about 0.3 ms of a 1-3 ms call.
+def _state(request: Request) -> tuple[sessionmaker[Session], OptunaBridge, ServerSettings]:
+    state = request.app.state
+    return state.sessions, state.bridge, state.settings
+
+
+def _json(answer: BaseModel) -> Response:
+    return Response(answer.model_dump_json(), media_type="application/json")
+
+
+@workers.post("/claim", response_model=protocol.ClaimResponse)
+def claim(body: protocol.ClaimRequest, request: Request) -> Response:
+    sessions, bridge, settings = _state(request)
     # The sampler works between two transactions, holding no lock, so that reports and
     # other claims need not wait for it (OptunaBridge.propose).
     with unit_of_work(sessions) as session:
         spec = domain.study_to_sample(session)
     proposal = bridge.next_proposal(spec) if spec is not None else None
     with unit_of_work(sessions) as session:
-        return domain.claim(session, bridge, settings, body, proposal)
+        answer = domain.claim(session, bridge, settings, body, proposal)
+    return _json(answer)
 
 
-@workers.post("/trials/{trial_id}/heartbeat")
-def heartbeat(
-    trial_id: RowId, body: protocol.HeartbeatRequest, sessions: SessionsDep,
-    settings: SettingsDep,
-) -> protocol.Decision:
+@workers.post("/trials/{trial_id}/heartbeat", response_model=protocol.Decision)
+def heartbeat(trial_id: RowId, body: protocol.HeartbeatRequest, request: Request) -> Response:
+    sessions, _, settings = _state(request)
     with unit_of_work(sessions) as session:
-        return domain.heartbeat(session, settings, trial_id, body)
+        answer = domain.heartbeat(session, settings, trial_id, body)
+    return _json(answer)
 
 
-@workers.post("/trials/{trial_id}/report")
-def report(
-    trial_id: RowId, body: protocol.EpochReport, sessions: SessionsDep, bridge: BridgeDep,
-    settings: SettingsDep,
-) -> protocol.Decision:
+@workers.post("/trials/{trial_id}/report", response_model=protocol.Decision)
+def report(trial_id: RowId, body: protocol.EpochReport, request: Request) -> Response:
+    sessions, bridge, settings = _state(request)
     with unit_of_work(sessions) as session:
-        return domain.report(session, bridge, settings, trial_id, body)
+        answer = domain.report(session, bridge, settings, trial_id, body)
+    return _json(answer)
 
 
-@workers.post("/trials/{trial_id}/complete")
-def complete(
-    trial_id: RowId, body: protocol.CompleteRequest, sessions: SessionsDep, bridge: BridgeDep,
-    settings: SettingsDep,
-) -> protocol.Ack:
+@workers.post("/trials/{trial_id}/complete", response_model=protocol.Ack)
+def complete(trial_id: RowId, body: protocol.CompleteRequest, request: Request) -> Response:
+    sessions, bridge, settings = _state(request)
     with unit_of_work(sessions) as session:
-        return domain.complete(session, bridge, settings, trial_id, body)
+        answer = domain.complete(session, bridge, settings, trial_id, body)
+    return _json(answer)
 
 
-@workers.post("/trials/{trial_id}/fail")
-def fail(
-    trial_id: RowId, body: protocol.FailRequest, sessions: SessionsDep, bridge: BridgeDep,
-    settings: SettingsDep,
-) -> protocol.Ack:
+@workers.post("/trials/{trial_id}/fail", response_model=protocol.Ack)
+def fail(trial_id: RowId, body: protocol.FailRequest, request: Request) -> Response:
+    sessions, bridge, settings = _state(request)
     with unit_of_work(sessions) as session:
-        return domain.fail(session, bridge, settings, trial_id, body)
+        answer = domain.fail(session, bridge, settings, trial_id, body)
+    return _json(answer)
 
 
 @studies.post("/schedule/preview", dependencies=[Depends(require("read"))])

@@ -22,7 +22,7 @@ import secrets
 from collections import Counter
 from collections.abc import Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, Row, bindparam, exists, func, insert, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from clrsearch import protocol
@@ -56,6 +56,8 @@ DEFAULT_TRACE_POINTS = 2000
 # runs (baselines, the range test) apart.
 SEARCH_KINDS = ("cyclic",)
 OTHER_KINDS = ("baseline", "range_test")
+# Our tables as SQL Core sees them, for the worker protocol's statements built once.
+_TRIALS, _STUDIES = Trial.__table__, Study.__table__
 
 
 # -- studies ------------------------------------------------------------------------------
@@ -222,21 +224,44 @@ def thin_indices(length: int, max_points: int) -> list[int]:
 
 def study_to_sample(session: Session) -> StudySpec | None:
     """The study whose next claim would ask Optuna for a new trial, as far as a read with
-    no locks can tell; `claim` decides again under its locks."""
-    for study in session.scalars(
-        select(Study).where(Study.state == models.STUDY_RUNNING).order_by(Study.id)
-    ).all():
-        running, cyclic = _running_and_cyclic_counts(session, study)
-        if running >= study.parallelism:
+    no locks can tell; `claim` decides again under its locks. One statement: this runs
+    before every claim."""
+    for study in session.connection().execute(_RUNNING_STUDIES_TO_SAMPLE):
+        if study.running >= study.parallelism:
             continue
-        if _count_queued(session, study):
+        if study.queued:
             return None  # the claim takes a queued trial: nothing to sample
-        spec = _spec(study)
-        if spec.lr_bounds == "auto" and not _range_test_done(session, study):
+        spec = _spec_of(study.spec)
+        if spec.lr_bounds == "auto" and not _range_test_done(session, study.id):
             return None
-        if cyclic < study.n_trials:
+        if study.cyclic_trials < study.n_trials:
             return spec
     return None
+
+
+_HELD_TRIAL = select(_TRIALS.c.id).where(
+    _TRIALS.c.worker_id == bindparam("worker"), _TRIALS.c.state == models.RUNNING)
+_ANY_LAPSED = select(_TRIALS.c.id).where(
+    _TRIALS.c.state == models.RUNNING, _TRIALS.c.lease_expires_at < bindparam("now")).limit(1)
+
+
+def _trials_of_study_in(state: str) -> ColumnElement[bool]:
+    return (_TRIALS.c.study_id == _STUDIES.c.id) & (_TRIALS.c.state == state)
+
+
+# Running trials are counted through the index on state, so the cost does not grow
+# with the study.
+_RUNNING_STUDIES_TO_SAMPLE = (
+    select(
+        _STUDIES.c.id, _STUDIES.c.spec, _STUDIES.c.parallelism, _STUDIES.c.n_trials,
+        _STUDIES.c.cyclic_trials,
+        select(func.count()).select_from(_TRIALS).where(_trials_of_study_in(models.RUNNING))
+        .scalar_subquery().label("running"),
+        exists().where(_trials_of_study_in(models.QUEUED)).label("queued"),
+    )
+    .where(_STUDIES.c.state == models.STUDY_RUNNING)
+    .order_by(_STUDIES.c.id)
+)
 
 
 def claim(
@@ -250,10 +275,10 @@ def claim(
     worker = _touch_worker(session, request, now)
 
     # A worker restarted under the same id is given back the trial it held.
-    held = session.scalar(
-        select(Trial).where(Trial.worker_id == request.worker_id, Trial.state == models.RUNNING)
-    )
-    if held is not None:
+    held_id = session.connection().execute(
+        _HELD_TRIAL, {"worker": request.worker_id}).scalar()
+    if held_id is not None:
+        held = session.get_one(Trial, held_id)
         held.lease_expires_at = now + dt.timedelta(seconds=settings.lease_s)
         logger.info(
             "trial %d of study %r handed back to restarted worker %s",
@@ -285,7 +310,7 @@ def _claim_in_study(
     if running >= study.parallelism:
         return None
     spec = _spec(study)
-    if spec.lr_bounds == "auto" and not _range_test_done(session, study):
+    if spec.lr_bounds == "auto" and not _range_test_done(session, study.id):
         # Nothing else may start before the range test has set the space.
         trial = session.scalar(select(Trial).where(
             Trial.study_id == study.id, Trial.kind == "range_test",
@@ -345,6 +370,35 @@ def report(
     body: protocol.EpochReport,
 ) -> protocol.Decision:
     bridge.lock_journal(session)
+    row = _trial_row(session, trial_id)
+    if not _is_live(row, body.lease_id) or body.epoch <= row.epochs_run:
+        # Repeats, lapsed leases taken back, lost leases, stopped studies.
+        return _report_in_full(session, bridge, settings, trial_id, body)
+    # The worker protocol's common case, in SQL Core: the ORM's loading and flushing
+    # cost more than the statements themselves.
+    spec = _spec_of(row.spec)
+    value = body.val_loss if spec.objective == "val_loss" else body.val_accuracy
+    action, reason = _decision(bridge, spec, row.kind, row.params, row.optuna_trial_id, body,
+                               value)
+    if action == "prune" and row.cyclic_trials >= row.n_trials:
+        # The study may complete with this trial: the ORM path's bookkeeping.
+        trial = _locked_trial(session, trial_id)
+        return _record_report(session, bridge, settings, spec, trial, body, value, action,
+                              reason)
+    now = db_now(session)
+    session.connection().execute(_INSERT_EPOCH, _epoch_row(row.id, body, action, now))
+    if action == "prune":
+        _finish_live(session, bridge, spec, row, models.PRUNED, value, now, body.epoch)
+    else:
+        _update_trial(session, row.id, epochs_run=body.epoch,
+                      lease_expires_at=now + dt.timedelta(seconds=settings.lease_s))
+    return protocol.Decision(action=action, reason=reason)
+
+
+def _report_in_full(
+    session: Session, bridge: OptunaBridge, settings: ServerSettings, trial_id: int,
+    body: protocol.EpochReport,
+) -> protocol.Decision:
     trial = _locked_trial(session, trial_id)
     # epochs_run is the highest epoch recorded: only an epoch at or below it can repeat.
     recorded = None if body.epoch > trial.epochs_run else session.scalar(
@@ -356,30 +410,41 @@ def report(
     _take_back_lapsed_lease(session, settings, trial, body.lease_id)
     _require_lease(trial, body.lease_id)
 
-    now = db_now(session)
     study = trial.study
     spec = _spec(study)
     value = body.val_loss if spec.objective == "val_loss" else body.val_accuracy
     if study.state != models.STUDY_RUNNING:
         action, reason = "stop", f"study is {study.state}"
-    elif trial.kind != "cyclic":
-        action, reason = "continue", ""  # baselines run to the end, unseen by the pruner
-    elif spec.cycle_aware_pruning and not _ends_cycle(trial, body):
-        # Mid-cycle values are kept in our table but never shown to the pruner.
-        action, reason = "continue", ""
-    elif bridge.report(spec, trial.optuna_trial_id, body.epoch, value,
-                       # Pruning at the last epoch saves nothing and would turn a finished
-                       # trial into a pruned one, out of the running for best.
-                       ask_pruner=body.epoch < spec.task.epochs):
-        action, reason = "prune", f"pruned at epoch {body.epoch} by the {_pruner_name(spec)}"
     else:
-        action, reason = "continue", ""
-    session.add(TrialEpoch(
-        trial_id=trial.id, epoch=body.epoch, iterations=body.iterations,
-        train_loss=body.train_loss, val_loss=body.val_loss, val_accuracy=body.val_accuracy,
-        duration_s=body.duration_s, lrs=body.lrs, momentums=body.momentums,
-        decision=action, created_at=now,
-    ))
+        action, reason = _decision(bridge, spec, trial.kind, trial.params,
+                                   trial.optuna_trial_id, body, value)
+    return _record_report(session, bridge, settings, spec, trial, body, value, action, reason)
+
+
+def _decision(
+    bridge: OptunaBridge, spec: StudySpec, kind: str, params: dict, optuna_trial_id: int | None,
+    body: protocol.EpochReport, value: float,
+) -> tuple[str, str]:
+    """What a running trial of a running study does after this epoch; tells Optuna."""
+    if kind != "cyclic":
+        return "continue", ""  # baselines run to the end, unseen by the pruner
+    if spec.cycle_aware_pruning and not _ends_cycle(params, body):
+        # Mid-cycle values are kept in our table but never shown to the pruner.
+        return "continue", ""
+    if bridge.report(spec, optuna_trial_id, body.epoch, value,
+                     # Pruning at the last epoch saves nothing and would turn a finished
+                     # trial into a pruned one, out of the running for best.
+                     ask_pruner=body.epoch < spec.task.epochs):
+        return "prune", f"pruned at epoch {body.epoch} by the {_pruner_name(spec)}"
+    return "continue", ""
+
+
+def _record_report(
+    session: Session, bridge: OptunaBridge, settings: ServerSettings, spec: StudySpec,
+    trial: Trial, body: protocol.EpochReport, value: float, action: str, reason: str,
+) -> protocol.Decision:
+    now = db_now(session)
+    session.add(TrialEpoch(**_epoch_row(trial.id, body, action, now)))
     trial.epochs_run = max(trial.epochs_run, body.epoch)
     trial.lease_expires_at = now + dt.timedelta(seconds=settings.lease_s)
     if action == "prune":
@@ -390,11 +455,35 @@ def report(
     return protocol.Decision(action=action, reason=reason)
 
 
+def _epoch_row(
+    trial_id: int, body: protocol.EpochReport, decision: str, now: dt.datetime
+) -> dict:
+    return {
+        "trial_id": trial_id, "epoch": body.epoch, "iterations": body.iterations,
+        "train_loss": body.train_loss, "val_loss": body.val_loss,
+        "val_accuracy": body.val_accuracy, "duration_s": body.duration_s, "lrs": body.lrs,
+        "momentums": body.momentums, "decision": decision, "created_at": now,
+    }
+
+
 def complete(
     session: Session, bridge: OptunaBridge, settings: ServerSettings, trial_id: int,
     body: protocol.CompleteRequest,
 ) -> protocol.Ack:
     bridge.lock_journal(session)
+    row = _trial_row(session, trial_id)
+    if row is None:
+        raise NotFound(f"no trial with id {trial_id}")
+    if row.lease_id == body.lease_id and row.state in models.FINAL_TRIAL_STATES:
+        return protocol.Ack(recorded=True, state=row.state)  # a repeat, or after a prune
+    if (_is_live(row, body.lease_id) and row.kind != "range_test" and not body.stopped
+            and row.cyclic_trials < row.n_trials):
+        # The common case (see `report`): a search trial or a baseline whose study has
+        # trials still to ask for, so that it cannot complete with this one.
+        state = models.PRUNED if body.pruned else models.COMPLETE
+        _finish_live(session, bridge, _spec_of(row.spec), row, state, body.value,
+                     db_now(session))
+        return protocol.Ack(recorded=True, state=state)
     trial = _locked_trial(session, trial_id)
     _take_back_lapsed_lease(session, settings, trial, body.lease_id)
     if trial.lease_id == body.lease_id and trial.state in models.FINAL_TRIAL_STATES:
@@ -439,6 +528,8 @@ def fail(
 def sweep_lapsed_leases(session: Session, bridge: OptunaBridge, now: dt.datetime) -> int:
     """Retry or fail every running trial whose lease has lapsed; returns how many."""
     bridge.lock_journal(session)
+    if session.connection().execute(_ANY_LAPSED, {"now": now}).first() is None:
+        return 0  # the common case, every claim, in one light statement
     query = select(Trial).where(
         Trial.state == models.RUNNING, Trial.lease_expires_at < now
     )
@@ -478,11 +569,6 @@ def _add_baselines(session: Session, study: Study, spec: StudySpec, now: dt.date
         _add_trial(session, study, "baseline", baseline.model_dump(mode="json"), now)
 
 
-def _count_queued(session: Session, study: Study) -> int:
-    return session.scalar(select(func.count()).where(
-        Trial.study_id == study.id, Trial.state == models.QUEUED)) or 0
-
-
 def _running_and_cyclic_counts(session: Session, study: Study) -> tuple[int, int]:
     """The study's running trials (any kind) and its cyclic trials (the search budget).
     Only running trials are counted, through the index on state: the cost of a claim
@@ -493,9 +579,9 @@ def _running_and_cyclic_counts(session: Session, study: Study) -> tuple[int, int
     return running, study.cyclic_trials
 
 
-def _range_test_done(session: Session, study: Study) -> bool:
+def _range_test_done(session: Session, study_id: int) -> bool:
     state = session.scalar(select(Trial.state).where(
-        Trial.study_id == study.id, Trial.kind == "range_test"))
+        Trial.study_id == study_id, Trial.kind == "range_test"))
     return state == models.COMPLETE
 
 
@@ -533,9 +619,9 @@ def _complete_range_test(
     _finish(session, bridge, updated, trial, models.COMPLETE, now)
 
 
-def _ends_cycle(trial: Trial, body: protocol.EpochReport) -> bool:
+def _ends_cycle(params: dict, body: protocol.EpochReport) -> bool:
     batches_per_epoch = max(1, body.iterations // body.epoch)
-    length = cycle_length(CyclicParams(**trial.params), batches_per_epoch)
+    length = cycle_length(CyclicParams(**params), batches_per_epoch)
     return is_cycle_end(body.iterations - batches_per_epoch, body.iterations, length)
 
 
@@ -624,14 +710,14 @@ def _complete_study_if_done(session: Session, study: Study, now: dt.datetime) ->
 
 
 def _release_worker(session: Session, trial: Trial) -> None:
-    if trial.worker_id is None:
-        return
-    session.execute(
-        update(Worker).where(Worker.id == trial.worker_id, Worker.trial_id == trial.id)
-        .values(trial_id=None)
-        # A Worker loaded in this session may keep the old trial_id: nothing reads it.
-        .execution_options(synchronize_session=False)
-    )
+    if trial.worker_id is not None:
+        _release_worker_of(session, trial.worker_id, trial.id)
+
+
+def _release_worker_of(session: Session, worker_id: str, trial_id: int) -> None:
+    # On the connection, past the ORM: a Worker loaded in this session may keep the old
+    # trial_id, and nothing reads it.
+    session.connection().execute(_RELEASE_WORKER, {"worker": worker_id, "held": trial_id})
 
 
 def _take_back_lapsed_lease(
@@ -660,6 +746,67 @@ def _lost_reason(trial: Trial) -> str:
     if trial.state != models.RUNNING:
         return f"the trial is {trial.state}"
     return "the lease lapsed and the trial went to another worker"
+
+
+# The fast paths of `report` and `complete`, as SQL Core statements built once (building
+# and keying a statement per call costs more than running it) and run on the session's
+# connection, past the ORM.
+_SELECT_TRIAL_AND_STUDY = (
+    select(
+        _TRIALS.c.id, _TRIALS.c.number, _TRIALS.c.kind, _TRIALS.c.state, _TRIALS.c.lease_id,
+        _TRIALS.c.epochs_run, _TRIALS.c.params, _TRIALS.c.optuna_trial_id,
+        _TRIALS.c.optuna_number, _TRIALS.c.worker_id,
+        _STUDIES.c.name.label("study_name"), _STUDIES.c.state.label("study_state"),
+        _STUDIES.c.spec, _STUDIES.c.n_trials, _STUDIES.c.cyclic_trials,
+    )
+    .select_from(_TRIALS.join(_STUDIES, _STUDIES.c.id == _TRIALS.c.study_id))
+    .where(_TRIALS.c.id == bindparam("trial_id"))
+    .with_for_update(of=_TRIALS)
+)
+_INSERT_EPOCH = insert(TrialEpoch.__table__)
+# The SET clause comes from the parameters given, other than `row_id`.
+_UPDATE_TRIAL = update(_TRIALS).where(_TRIALS.c.id == bindparam("row_id"))
+_RELEASE_WORKER = (
+    update(Worker.__table__)
+    .where(Worker.__table__.c.id == bindparam("worker"),
+           Worker.__table__.c.trial_id == bindparam("held"))
+    .values(trial_id=None)
+)
+
+
+def _trial_row(session: Session, trial_id: int) -> Row | None:
+    """The trial with its study's columns, row-locked (the fast paths' one read)."""
+    return session.connection().execute(
+        _SELECT_TRIAL_AND_STUDY, {"trial_id": trial_id}).one_or_none()
+
+
+def _is_live(row: Row | None, lease_id: str) -> bool:
+    """Leased to the caller and running in a running study: the fast paths' case."""
+    return row is not None and row.state == models.RUNNING and row.lease_id == lease_id and (
+        row.study_state == models.STUDY_RUNNING)
+
+
+def _update_trial(session: Session, trial_id: int, **values: object) -> None:
+    session.connection().execute(_UPDATE_TRIAL, {"row_id": trial_id, **values})
+
+
+def _finish_live(
+    session: Session, bridge: OptunaBridge, spec: StudySpec, row: Row, state: str,
+    value: float | None, now: dt.datetime, epochs_run: int | None = None,
+) -> None:
+    """`_finish` for the common case: a search trial or baseline ends complete or pruned
+    while its study still has trials to ask for (so the study cannot complete with it,
+    and no failure or range test is involved)."""
+    if row.optuna_number is not None:
+        bridge.tell(spec, row.optuna_number, state, value)
+    values: dict[str, object] = {"state": state, "value": value, "finished_at": now,
+                                 "lease_expires_at": None}
+    if epochs_run is not None:
+        values["epochs_run"] = epochs_run
+    _update_trial(session, row.id, **values)
+    if row.worker_id is not None:
+        _release_worker_of(session, row.worker_id, row.id)
+    logger.info("trial %d of study %r %s (value %s)", row.number, row.study_name, state, value)
 
 
 def _locked_trial(session: Session, trial_id: int) -> Trial:
@@ -715,7 +862,11 @@ def _study_by_name(session: Session, name: str, lock: bool = False) -> Study:
 
 
 def _spec(study: Study) -> StudySpec:
-    return StudySpec.model_validate(study.spec)
+    return _spec_of(study.spec)
+
+
+def _spec_of(stored: dict) -> StudySpec:
+    return StudySpec.model_validate(stored)
 
 
 def _pruner_name(spec: StudySpec) -> str:

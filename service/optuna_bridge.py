@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ import numpy as np
 import optuna
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, TextClause, create_engine, event, text
 from sqlalchemy.orm import Session, SessionTransaction
 
 from clrsearch.spec import CyclicParams, CyclicSpace, FloatRange, StudySpec, searched_params
@@ -114,17 +115,27 @@ def _copy_legacy_journal(connection: Connection, table: str, legacy: Path) -> No
                     len(rows), legacy)
 
 
-def _read_journal(connection: Connection, table: str, first: int) -> list[dict[str, Any]]:
-    rows = connection.execute(
+# Statements are built once: every request runs them, and parsing one costs more than a
+# round trip to SQLite.
+@functools.cache
+def _journal_statements(table: str) -> tuple[TextClause, TextClause]:
+    return (
         text(f"SELECT entry FROM {table} WHERE log_number >= :first ORDER BY log_number"),
-        {"first": first},
-    ).scalars().all()
+        text(f"INSERT INTO {table} (log_number, entry) VALUES (:number, :entry)"),
+    )
+
+
+_LOCK_AND_CLOCK = text(f"SELECT {POSTGRES_CLOCK_SQL} FROM pg_advisory_xact_lock(:key)")
+
+
+def _read_journal(connection: Connection, table: str, first: int) -> list[dict[str, Any]]:
+    rows = connection.execute(_journal_statements(table)[0], {"first": first}).scalars().all()
     return [json.loads(row) for row in rows]
 
 
 def _write_journal(connection: Connection, table: str, first: int, entries: list[str]) -> None:
     connection.execute(
-        text(f"INSERT INTO {table} (log_number, entry) VALUES (:number, :entry)"),
+        _journal_statements(table)[1],
         [{"number": first + offset, "entry": entry} for offset, entry in enumerate(entries)],
     )
 
@@ -133,10 +144,7 @@ def _take_journal_lock(connection: Connection) -> dt.datetime | None:
     """Wait for the journal's lock; on PostgreSQL also read the clock, in the same trip."""
     if connection.dialect.name != "postgresql":
         return None  # SQLite: every transaction of ours begins IMMEDIATE: the one writer
-    return connection.execute(
-        text(f"SELECT {POSTGRES_CLOCK_SQL} FROM pg_advisory_xact_lock(:key)"),
-        {"key": JOURNAL_LOCK_KEY},
-    ).scalar_one()
+    return connection.execute(_LOCK_AND_CLOCK, {"key": JOURNAL_LOCK_KEY}).scalar_one()
 
 
 class SqlJournalBackend(BaseJournalBackend):

@@ -262,6 +262,16 @@ _RUNNING_STUDIES_TO_SAMPLE = (
     .where(_STUDIES.c.state == models.STUDY_RUNNING)
     .order_by(_STUDIES.c.id)
 )
+_RUNNING_STUDIES_TO_CLAIM_FROM = (
+    _RUNNING_STUDIES_TO_SAMPLE.add_columns(_STUDIES.c.name).with_for_update(of=_STUDIES)
+)
+_NEXT_TRIAL_NUMBER = select(func.coalesce(func.max(_TRIALS.c.number) + 1, 0)).where(
+    _TRIALS.c.study_id == bindparam("study"))
+_INSERT_TRIAL = insert(_TRIALS).returning(_TRIALS.c.id)
+_COUNT_NEW_TRIAL = (
+    update(_STUDIES).where(_STUDIES.c.id == bindparam("row_id"))
+    .values(cyclic_trials=_STUDIES.c.cyclic_trials + 1)
+)
 
 
 def claim(
@@ -288,16 +298,51 @@ def claim(
 
     sweep_lapsed_leases(session, bridge, now)
     # The row locks make the count-then-ask below atomic across server processes.
-    for study in session.scalars(
-        select(Study).where(Study.state == models.STUDY_RUNNING).order_by(Study.id)
-        .with_for_update()
-    ).all():
-        trial = _claim_in_study(session, bridge, settings, study, request.worker_id, now,
-                                proposal)
+    for row in session.connection().execute(_RUNNING_STUDIES_TO_CLAIM_FROM).all():
+        if row.running >= row.parallelism:
+            continue
+        spec = _spec_of(row.spec)
+        if not row.queued and row.cyclic_trials < row.n_trials and (
+                spec.lr_bounds != "auto" or _range_test_done(session, row.id)):
+            # The common case, a new trial from the sampler, in SQL Core.
+            assignment = _claim_new_trial(session, bridge, settings, spec, row,
+                                          request.worker_id, now, proposal)
+            worker.trial_id = assignment.trial_id
+            return protocol.ClaimResponse(trial=assignment)
+        trial = _claim_in_study(session, bridge, settings, session.get_one(Study, row.id),
+                                request.worker_id, now, proposal)
         if trial is not None:
             worker.trial_id = trial.id
             return protocol.ClaimResponse(trial=_assignment(trial, settings))
     return protocol.ClaimResponse(retry_after_s=settings.claim_retry_s)
+
+
+def _claim_new_trial(
+    session: Session, bridge: OptunaBridge, settings: ServerSettings, spec: StudySpec,
+    study: Row, worker_id: str, now: dt.datetime, proposal: Proposal | None,
+) -> protocol.TrialAssignment:
+    """What `_claim_in_study` does when the sampler gives the trial: ask Optuna, add the
+    trial with the study's next number, leased to the worker, and count it."""
+    connection = session.connection()
+    optuna_trial_id, optuna_number, params = bridge.ask(spec, proposal)
+    number = connection.execute(_NEXT_TRIAL_NUMBER, {"study": study.id}).scalar_one()
+    lease_id = secrets.token_hex(16)
+    trial_id = connection.execute(_INSERT_TRIAL, {
+        "study_id": study.id, "number": number, "kind": "cyclic",
+        "optuna_trial_id": optuna_trial_id, "optuna_number": optuna_number,
+        "state": models.RUNNING, "params": params.model_dump(mode="json"), "attempts": 1,
+        "infra_losses": 0, "worker_id": worker_id, "lease_id": lease_id,
+        "lease_expires_at": now + dt.timedelta(seconds=settings.lease_s), "epochs_run": 0,
+        "created_at": now, "started_at": now,
+    }).scalar_one()
+    connection.execute(_COUNT_NEW_TRIAL, {"row_id": study.id, "updated_at": now})
+    logger.info("trial %d of study %r claimed by worker %s (attempt 1)",
+                number, study.name, worker_id)
+    return protocol.TrialAssignment(
+        trial_id=trial_id, lease_id=lease_id, study_name=study.name, number=number,
+        attempt=1, kind="cyclic", params=params, task=spec.task, objective=spec.objective,
+        lease_s=settings.lease_s, heartbeat_s=settings.heartbeat_s,
+    )
 
 
 def _claim_in_study(

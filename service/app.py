@@ -62,8 +62,10 @@ def create_app(settings: ServerSettings | None = None, migrate: bool = True) -> 
     )
     app.state.settings = settings
     app.add_middleware(_BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.include_router(api.studies)
+    # The worker protocol first: routes are matched in order, and its calls are the
+    # most frequent by far.
     app.include_router(api.workers)
+    app.include_router(api.studies)
     dashboard.install(app)
     _install_error_handlers(app)
 

@@ -17,13 +17,16 @@ transactions ever wait for each other's locks.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import secrets
 from collections import Counter
 from collections.abc import Sequence
 
 from sqlalchemy import ColumnElement, Row, bindparam, exists, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.sql.dml import ReturningInsert
 
 from clrsearch import protocol
 from clrsearch.cycles import cycle_length, is_cycle_end
@@ -239,10 +242,16 @@ def study_to_sample(session: Session) -> StudySpec | None:
     return None
 
 
-_HELD_TRIAL = select(_TRIALS.c.id).where(
-    _TRIALS.c.worker_id == bindparam("worker"), _TRIALS.c.state == models.RUNNING)
 _ANY_LAPSED = select(_TRIALS.c.id).where(
     _TRIALS.c.state == models.RUNNING, _TRIALS.c.lease_expires_at < bindparam("now")).limit(1)
+# A claim's first question, in one statement: does this worker hold a trial already (it
+# restarted under the same id), and has any lease lapsed?
+_HELD_AND_ANY_LAPSED = select(
+    select(_TRIALS.c.id)
+    .where(_TRIALS.c.worker_id == bindparam("worker"), _TRIALS.c.state == models.RUNNING)
+    .limit(1).scalar_subquery().label("held"),
+    exists(_ANY_LAPSED).label("any_lapsed"),
+)
 
 
 def _trials_of_study_in(state: str) -> ColumnElement[bool]:
@@ -282,11 +291,9 @@ def claim(
     trial, used if that study asks Optuna now and nothing changed since."""
     bridge.lock_journal(session)
     now = db_now(session)
-    worker = _touch_worker(session, request, now)
-
+    held_id, any_lapsed = session.connection().execute(
+        _HELD_AND_ANY_LAPSED, {"worker": request.worker_id, "now": now}).one()
     # A worker restarted under the same id is given back the trial it held.
-    held_id = session.connection().execute(
-        _HELD_TRIAL, {"worker": request.worker_id}).scalar()
     if held_id is not None:
         held = session.get_one(Trial, held_id)
         held.lease_expires_at = now + dt.timedelta(seconds=settings.lease_s)
@@ -294,9 +301,11 @@ def claim(
             "trial %d of study %r handed back to restarted worker %s",
             held.number, held.study.name, request.worker_id,
         )
+        _touch_worker(session, request, now)
         return protocol.ClaimResponse(trial=_assignment(held, settings))
 
-    sweep_lapsed_leases(session, bridge, now)
+    if any_lapsed:
+        _retry_lapsed(session, bridge, now)
     # The row locks make the count-then-ask below atomic across server processes.
     for row in session.connection().execute(_RUNNING_STUDIES_TO_CLAIM_FROM).all():
         if row.running >= row.parallelism:
@@ -307,13 +316,14 @@ def claim(
             # The common case, a new trial from the sampler, in SQL Core.
             assignment = _claim_new_trial(session, bridge, settings, spec, row,
                                           request.worker_id, now, proposal)
-            worker.trial_id = assignment.trial_id
+            _touch_worker(session, request, now, holds=assignment.trial_id)
             return protocol.ClaimResponse(trial=assignment)
         trial = _claim_in_study(session, bridge, settings, session.get_one(Study, row.id),
                                 request.worker_id, now, proposal)
         if trial is not None:
-            worker.trial_id = trial.id
+            _touch_worker(session, request, now, holds=trial.id)
             return protocol.ClaimResponse(trial=_assignment(trial, settings))
+    _touch_worker(session, request, now)
     return protocol.ClaimResponse(retry_after_s=settings.claim_retry_s)
 
 
@@ -574,7 +584,11 @@ def sweep_lapsed_leases(session: Session, bridge: OptunaBridge, now: dt.datetime
     """Retry or fail every running trial whose lease has lapsed; returns how many."""
     bridge.lock_journal(session)
     if session.connection().execute(_ANY_LAPSED, {"now": now}).first() is None:
-        return 0  # the common case, every claim, in one light statement
+        return 0  # the common case, in one light statement
+    return _retry_lapsed(session, bridge, now)
+
+
+def _retry_lapsed(session: Session, bridge: OptunaBridge, now: dt.datetime) -> int:
     query = select(Trial).where(
         Trial.state == models.RUNNING, Trial.lease_expires_at < now
     )
@@ -867,20 +881,32 @@ def _locked_trial(session: Session, trial_id: int) -> Trial:
 
 
 def _touch_worker(
-    session: Session, request: protocol.ClaimRequest, now: dt.datetime
-) -> Worker:
-    worker = session.get(Worker, request.worker_id)
-    if worker is None:
-        worker = Worker(
-            id=request.worker_id, host=request.host, device=request.device,
-            first_seen_at=now, last_seen_at=now,
-        )
-        session.add(worker)
+    session: Session, request: protocol.ClaimRequest, now: dt.datetime,
+    holds: int | None = None,
+) -> None:
+    """Record the worker's claim in one statement: added the first time it is seen, else
+    refreshed; `holds`: the trial it was just given."""
+    connection = session.connection()
+    first_seen = connection.execute(
+        _upsert_worker(connection.dialect.name, holds is not None),
+        {"id": request.worker_id, "host": request.host, "device": request.device,
+         "first_seen_at": now, "last_seen_at": now, "trial_id": holds},
+    ).scalar_one()
+    if first_seen == now:
         logger.info("worker %s on %s (%s) seen for the first time",
                     request.worker_id, request.host, request.device)
-    else:
-        worker.host, worker.device, worker.last_seen_at = request.host, request.device, now
-    return worker
+
+
+@functools.cache
+def _upsert_worker(dialect: str, with_trial: bool) -> ReturningInsert:
+    table = Worker.__table__
+    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    refreshed = {"host": statement.excluded.host, "device": statement.excluded.device,
+                 "last_seen_at": statement.excluded.last_seen_at}
+    if with_trial:
+        refreshed["trial_id"] = statement.excluded.trial_id
+    return statement.on_conflict_do_update(
+        index_elements=[table.c.id], set_=refreshed).returning(table.c.first_seen_at)
 
 
 def _assignment(trial: Trial, settings: ServerSettings) -> protocol.TrialAssignment:

@@ -190,6 +190,34 @@ def test_restarted_worker_gets_back_the_trial_it_held(client: TestClient) -> Non
     assert again["lease_id"] == held["lease_id"]
 
 
+def test_workers_are_recorded_with_the_trial_each_holds(client: TestClient) -> None:
+    submit(client, n_trials=1)
+
+    def claim_from(worker_id: str, host: str, device: str) -> dict[str, Any] | None:
+        response = client.post(f"{WORKER}/claim", json={
+            "worker_id": worker_id, "host": host, "device": device})
+        assert response.status_code == 200, response.text
+        return response.json()["trial"]
+
+    def workers() -> dict[str, dict[str, Any]]:
+        return {worker["id"]: worker for worker in client.get("/api/v1/workers").json()}
+
+    trial = claim_from("gpu-0", "box-a", "cuda:0")
+    assert claim_from("gpu-1", "box-a", "cuda:1") is None  # the study's one trial is taken
+    seen = workers()
+    assert {key: seen["gpu-0"][key] for key in ("host", "device", "trial_id")} == {
+        "host": "box-a", "device": "cuda:0", "trial_id": trial["trial_id"]}
+    assert seen["gpu-1"]["trial_id"] is None
+
+    assert complete(client, trial, 0.5).json()["state"] == "complete"
+    assert claim_from("gpu-0", "box-b", "cuda:3") is None  # moved, nothing left to run
+    after = workers()
+    assert len(after) == 2
+    assert {key: after["gpu-0"][key] for key in ("host", "device", "trial_id")} == {
+        "host": "box-b", "device": "cuda:3", "trial_id": None}
+    assert after["gpu-0"]["last_seen_at"] > seen["gpu-0"]["last_seen_at"]
+
+
 def test_median_pruner_prunes_a_trial_worse_than_the_others(client: TestClient) -> None:
     pruner = {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0,
               "cycle_aware": False}

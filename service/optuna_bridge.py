@@ -29,7 +29,7 @@ import math
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -457,6 +457,8 @@ class Proposal:
     system_attrs: dict[str, Any]
     # Finished trials of the study in the copy it was sampled on (ask-ahead's freshness).
     finished: int = 0
+    # The distribution of each of `optuna_params`, as the sampler was asked for it.
+    distributions: dict[str, Any] = field(default_factory=dict)
 
 
 def _draft(study: optuna.Study, spec: StudySpec) -> Proposal | None:
@@ -469,7 +471,7 @@ def _draft(study: optuna.Study, spec: StudySpec) -> Proposal | None:
     draft = _DraftTrial(study, len(states))
     params = suggest_params(draft, spec.space)
     return Proposal(spec.name, draft.number, draft.chosen, params, draft.system_attrs,
-                    _finished_count(states))
+                    _finished_count(states), dict(draft.distributions))
 
 
 _FINISHED = frozenset(state for state in TrialState if state.is_finished())
@@ -576,6 +578,10 @@ class _DraftTrial:
         self._frozen.params[name] = value
         self.chosen[name] = value
         return value
+
+    @property
+    def distributions(self) -> dict[str, Any]:
+        return self._frozen.distributions
 
 
 class OptunaBridge:
@@ -766,14 +772,20 @@ class OptunaBridge:
                         # Hyperband samples each trial among its bracket's, chosen by number.
                         overtaken and isinstance(study.pruner, optuna.pruners.HyperbandPruner)):
                     proposal = None  # sampled afresh, below
-                else:
-                    # A draft overtaken by another claim missed only the trials asked
-                    # since, as parallel workers' suggestions do in plain Optuna.
-                    study.enqueue_trial(proposal.optuna_params)
-            trial = study.ask()
-            if proposal is not None:
-                for key, value in proposal.system_attrs.items():
-                    trial.storage.set_trial_system_attr(trial._trial_id, key, value)
+            if proposal is not None and proposal.study == spec.name:
+                # The trial is stored as the sampler drafted it, in one journal line: what
+                # `ask` and a suggestion per parameter would store in seven or more. A
+                # draft overtaken by another claim missed only the trials asked since, as
+                # parallel workers' suggestions do in plain Optuna.
+                study._thread_local.cached_all_trials = None  # as `ask` does
+                trial_id = study._storage.create_new_trial(
+                    study._study_id, template_trial=optuna.trial.create_trial(
+                        state=TrialState.RUNNING, params=proposal.optuna_params,
+                        distributions=proposal.distributions,
+                        system_attrs=proposal.system_attrs))
+                trial = optuna.Trial(study, trial_id)
+            else:
+                trial = study.ask()
             try:
                 params = suggest_params(trial, spec.space)
             except Exception:

@@ -535,7 +535,7 @@ class _DraftTrial:
         self.number = number
         self.chosen: dict[str, Any] = {}
         # TPE's constant liar stores a trial's relative sampling in its system attributes;
-        # they are kept here and written by `ask` once the trial exists.
+        # they are kept here and stored by `ask` with the trial.
         self.system_attrs: dict[str, Any] = {}
         study = copy.copy(study)
         study._storage = _DraftStorage(study._storage, self.system_attrs)

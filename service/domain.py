@@ -318,8 +318,8 @@ def claim(
                                           request.worker_id, now, proposal)
             _touch_worker(session, request, now, holds=assignment.trial_id)
             return protocol.ClaimResponse(trial=assignment)
-        trial = _claim_in_study(session, bridge, settings, session.get_one(Study, row.id),
-                                request.worker_id, now, proposal)
+        trial = _claim_queued(session, settings, session.get_one(Study, row.id), spec,
+                              request.worker_id, now)
         if trial is not None:
             _touch_worker(session, request, now, holds=trial.id)
             return protocol.ClaimResponse(trial=_assignment(trial, settings))
@@ -331,8 +331,8 @@ def _claim_new_trial(
     session: Session, bridge: OptunaBridge, settings: ServerSettings, spec: StudySpec,
     study: Row, worker_id: str, now: dt.datetime, proposal: Proposal | None,
 ) -> protocol.TrialAssignment:
-    """What `_claim_in_study` does when the sampler gives the trial: ask Optuna, add the
-    trial with the study's next number, leased to the worker, and count it."""
+    """A new trial from the sampler: ask Optuna, add the trial with the study's next
+    number, leased to the worker, and count it against the study's budget."""
     connection = session.connection()
     optuna_trial_id, optuna_number, params = bridge.ask(spec, proposal)
     number = connection.execute(_NEXT_TRIAL_NUMBER, {"study": study.id}).scalar_one()
@@ -355,23 +355,18 @@ def _claim_new_trial(
     )
 
 
-def _claim_in_study(
-    session: Session, bridge: OptunaBridge, settings: ServerSettings,
-    study: Study, worker_id: str, now: dt.datetime, proposal: Proposal | None,
+def _claim_queued(
+    session: Session, settings: ServerSettings, study: Study, spec: StudySpec,
+    worker_id: str, now: dt.datetime,
 ) -> Trial | None:
-    if study.state != models.STUDY_RUNNING:
-        return None
-    running, cyclic = _running_and_cyclic_counts(session, study)
-    if running >= study.parallelism:
-        return None
-    spec = _spec(study)
+    """`claim` when the sampler does not give the trial: the study's queued trial (its
+    range test first, while that has not set the space), or none; with none left and
+    the budget spent, the study completes once its last trials end."""
     if spec.lr_bounds == "auto" and not _range_test_done(session, study.id):
         # Nothing else may start before the range test has set the space.
         trial = session.scalar(select(Trial).where(
             Trial.study_id == study.id, Trial.kind == "range_test",
             Trial.state == models.QUEUED))
-        if trial is None:
-            return None
     else:
         # Queued trials first, oldest number first: retries, then baselines.
         trial = session.scalar(
@@ -380,13 +375,10 @@ def _claim_in_study(
             .order_by(Trial.number)
             .limit(1)
         )
-    if trial is None:
-        if cyclic >= study.n_trials:
+        if trial is None:
             _complete_study_if_done(session, study, now)
-            return None
-        optuna_trial_id, optuna_number, params = bridge.ask(spec, proposal)
-        trial = _add_trial(session, study, "cyclic", params.model_dump(mode="json"), now)
-        trial.optuna_trial_id, trial.optuna_number = optuna_trial_id, optuna_number
+    if trial is None:
+        return None
     trial.state = models.RUNNING
     trial.attempts += 1
     trial.worker_id = worker_id
@@ -626,16 +618,6 @@ def _add_trial(
 def _add_baselines(session: Session, study: Study, spec: StudySpec, now: dt.datetime) -> None:
     for baseline in spec.baseline_runs():
         _add_trial(session, study, "baseline", baseline.model_dump(mode="json"), now)
-
-
-def _running_and_cyclic_counts(session: Session, study: Study) -> tuple[int, int]:
-    """The study's running trials (any kind) and its cyclic trials (the search budget).
-    Only running trials are counted, through the index on state: the cost of a claim
-    must not grow with the study."""
-    session.flush()
-    running = session.scalar(select(func.count()).where(
-        Trial.state == models.RUNNING, Trial.study_id == study.id)) or 0
-    return running, study.cyclic_trials
 
 
 def _range_test_done(session: Session, study_id: int) -> bool:

@@ -584,6 +584,18 @@ class _DraftTrial:
         return self._frozen.distributions
 
 
+def _still_fits(study: optuna.Study, spec: StudySpec, proposal: Proposal) -> bool:
+    """Whether `ask` may store this draft as the study's next trial: drafted for this
+    study, no trial waits in Optuna's queue (the ask takes those), and, under Hyperband,
+    which samples each trial among its bracket's, chosen by number, not overtaken."""
+    if proposal.study != spec.name:
+        return False
+    states = _trial_states(study)
+    overtaken = len(states) != proposal.number
+    return TrialState.WAITING not in states and not (
+        overtaken and isinstance(study.pruner, optuna.pruners.HyperbandPruner))
+
+
 class OptunaBridge:
     """The server's only door to Optuna. Thread-safe; one per server process.
 
@@ -765,14 +777,11 @@ class OptunaBridge:
         """A new trial: (Optuna trial id, trial number, its settings)."""
         with self._writing():
             study = self._study(spec)
-            if proposal is not None and proposal.study == spec.name:
-                states = _trial_states(study)
-                overtaken = len(states) != proposal.number
-                if TrialState.WAITING in states or (
-                        # Hyperband samples each trial among its bracket's, chosen by number.
-                        overtaken and isinstance(study.pruner, optuna.pruners.HyperbandPruner)):
-                    proposal = None  # sampled afresh, below
-            if proposal is not None and proposal.study == spec.name:
+            if proposal is not None and not _still_fits(study, spec, proposal):
+                proposal = None  # sampled afresh, below
+            if proposal is None:
+                trial = study.ask()
+            else:
                 # The trial is stored as the sampler drafted it, in one journal line: what
                 # `ask` and a suggestion per parameter would store in seven or more. A
                 # draft overtaken by another claim missed only the trials asked since, as
@@ -784,8 +793,6 @@ class OptunaBridge:
                         distributions=proposal.distributions,
                         system_attrs=proposal.system_attrs))
                 trial = optuna.Trial(study, trial_id)
-            else:
-                trial = study.ask()
             try:
                 params = suggest_params(trial, spec.space)
             except Exception:

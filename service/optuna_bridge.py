@@ -44,6 +44,7 @@ from clrsearch.spec import CyclicParams, CyclicSpace, FloatRange, StudySpec, sea
 from service.db import POSTGRES_CLOCK_SQL, remember_db_now
 from service.proposer import AskAhead
 from service.settings import normalise_database_url
+from service.tpe import IncrementalTPESampler
 
 logger = logging.getLogger(__name__)
 
@@ -334,8 +335,8 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
         # experimental; it has been stable since Optuna 2.8.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, group=True)
-    return optuna.samplers.TPESampler(seed=seed)
+            return IncrementalTPESampler(seed=seed, group=True)
+    return IncrementalTPESampler(seed=seed)
 
 
 class CycleEndPercentilePruner(optuna.pruners.BasePruner):

@@ -4,26 +4,25 @@ At 1,000 trials two thirds of an ask of Optuna's `TPESampler` is Python that wal
 finished trial again: its sort key for the split into "below" and "above" (its value, or
 for a pruned trial its last step and value) and its parameters turned into the
 distributions' internal form. A finished trial never changes, so this sampler works both
-out once per trial and keeps them; each ask then only sorts keys and gathers rows. The
-Parzen estimators, the candidates, the random numbers and the choice are Optuna's own:
-the sampler suggests exactly what `TPESampler` with the same arguments would
+out once per trial and keeps them in arrays; each ask then sorts and selects with numpy.
+The Parzen estimators, the candidates, the random numbers and the choice are Optuna's
+own: the sampler suggests exactly what `TPESampler` with the same arguments would
 (`tests/unit/test_tpe.py` compares them trial for trial).
 
-It overrides `TPESampler._sample` and `_get_internal_repr`, private methods of the
-pinned Optuna release (5.0.0). Studies it does not cover (several objectives,
-constraints) go to Optuna's own code unchanged.
+It overrides `TPESampler._sample`, a private method of the pinned Optuna release
+(5.0.0). Studies it does not cover (several objectives, constraints) go to Optuna's own
+code unchanged.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers._tpe.sampler import default_gamma
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
@@ -31,31 +30,85 @@ from optuna.trial import FrozenTrial, TrialState
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-@dataclass(frozen=True)
-class _Ranked:
-    """What the split needs of one finished trial, worked out once."""
+class _Rows:
+    """A growing array with one row per finished trial, in the order first seen."""
 
-    complete: bool
-    # Complete trials sort by value (best first), pruned ones by (-last step, value).
-    key: float | tuple[float, float]
-    # Whether constraints mark it infeasible; such studies take Optuna's own path.
-    infeasible: bool
+    def __init__(self, width: int) -> None:
+        self._data = np.empty((64, width))
+        self.size = 0
+
+    def append(self, row: Sequence[float]) -> None:
+        if self.size == len(self._data):
+            self._data = np.concatenate([self._data, np.empty_like(self._data)])
+        self._data[self.size] = row
+        self.size += 1
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data[: self.size]
 
 
-def _rank(trial: FrozenTrial, minimize: bool) -> _Ranked:
-    infeasible = sum(v for v in trial.constraints.values() if v > 0) > 0
+class _StudyMemory:
+    """What the split and the estimators need of a study's finished trials, each worked
+    out once: a row per trial, indexed by `index`."""
+
+    def __init__(self) -> None:
+        self.index: dict[int, int] = {}  # trial id -> row
+        self.trials: list[FrozenTrial] = []
+        # complete (1.0 or 0.0), primary key, secondary key. Complete trials sort by
+        # value, best first; pruned ones by (-last step, last value); see `_keys`.
+        self.keys = _Rows(3)
+        self.infeasible = False
+        # search space -> (the trial's parameters in their internal form, whether the
+        # trial has every parameter of the space: 1.0 or 0.0)
+        self.params: dict[Hashable, _Rows] = {}
+
+    def rows_of(self, trials: list[FrozenTrial], minimize: bool) -> np.ndarray:
+        """Each trial's row, adding trials seen for the first time."""
+        index = self.index
+        try:
+            return np.fromiter(map(index.__getitem__, (t._trial_id for t in trials)),
+                               dtype=np.intp, count=len(trials))
+        except KeyError:
+            for trial in trials:
+                if trial._trial_id not in index:
+                    index[trial._trial_id] = len(self.trials)
+                    self.trials.append(trial)
+                    self.keys.append(_keys(trial, minimize))
+                    self.infeasible |= any(v > 0 for v in trial.constraints.values())
+            return np.fromiter(map(index.__getitem__, (t._trial_id for t in trials)),
+                               dtype=np.intp, count=len(trials))
+
+    def params_of(self, space: dict[str, BaseDistribution], sampler: IncrementalTPESampler,
+                  study: optuna.Study) -> np.ndarray:
+        """Every known trial's parameters in `space`'s internal form, its last column
+        1.0 where the trial has them all."""
+        rows = self.params.setdefault(tuple(space.items()), _Rows(len(space) + 1))
+        for trial in self.trials[rows.size:]:
+            rows.append(_internal_row(trial, space, sampler, study))
+        return rows.data
+
+
+def _keys(trial: FrozenTrial, minimize: bool) -> tuple[float, float, float]:
     if trial.state == TrialState.COMPLETE:
         value = float(trial.value)  # type: ignore[arg-type]
-        return _Ranked(True, value if minimize else -value, infeasible)
+        return (1.0, value if minimize else -value, 0.0)
     if not trial.intermediate_values:
-        return _Ranked(False, (1.0, 0.0), infeasible)
+        return (0.0, 1.0, 0.0)
     step = max(trial.intermediate_values)
     value = trial.intermediate_values[step]
     if math.isnan(value):
-        key = (-step, math.inf)
-    else:
-        key = (-step, value if minimize else -value)
-    return _Ranked(False, key, infeasible)
+        return (0.0, -step, math.inf)
+    return (0.0, -step, value if minimize else -value)
+
+
+def _internal_row(trial: FrozenTrial, space: dict[str, BaseDistribution],
+                  sampler: IncrementalTPESampler, study: optuna.Study) -> list[float]:
+    params = sampler._get_params(trial, study)
+    if not space.keys() <= params.keys():
+        return [0.0] * len(space) + [0.0]
+    return [distribution.to_internal_repr(params[name])
+            for name, distribution in space.items()] + [1.0]
 
 
 class IncrementalTPESampler(optuna.samplers.TPESampler):
@@ -63,11 +116,8 @@ class IncrementalTPESampler(optuna.samplers.TPESampler):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        # study id -> trial id -> its rank; a finished trial never changes in Optuna.
-        self._ranked: dict[int, dict[int, _Ranked]] = {}
-        # (search space, study id) -> trial id -> the trial's parameters in the space's
-        # internal form; None where the trial lacks one of them.
-        self._rows: dict[Hashable, dict[int, tuple[Any, ...] | None]] = {}
+        # study id -> what is known of its finished trials (they never change in Optuna)
+        self._memory: dict[int, _StudyMemory] = {}
 
     def _sample(self, study: optuna.Study, trial: FrozenTrial,
                 search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -76,78 +126,69 @@ class IncrementalTPESampler(optuna.samplers.TPESampler):
         states = (*_FINISHED, TrialState.RUNNING) if self._constant_liar else _FINISHED
         trials = study._get_trials(deepcopy=False, states=states,
                                    use_cache=not self._constant_liar)
-        split = self._split(study, trial, trials)
-        if split is None:  # an infeasible trial: Optuna's code knows what to do with it
+        observations = self._split(study, trial, trials, search_space)
+        if observations is None:  # an infeasible trial: Optuna's code knows what to do
             return super()._sample(study, trial, search_space)
-        below, above = split
-        below_estimator = self._build_parzen_estimator(study, search_space, below, True)
-        above_estimator = self._build_parzen_estimator(study, search_space, above, False)
-        candidates = below_estimator.sample(self._rng.rng, self._n_ei_candidates)
-        scores = self._compute_acquisition_func(candidates, below_estimator, above_estimator)
+        below, above = (self._parzen_estimator_cls(side, search_space,
+                                                   self._parzen_estimator_parameters)
+                        for side in observations)
+        candidates = below.sample(self._rng.rng, self._n_ei_candidates)
+        scores = self._compute_acquisition_func(candidates, below, above)
         chosen = optuna.samplers.TPESampler._compare(candidates, scores)
         return {name: distribution.to_external_repr(chosen[name])
                 for name, distribution in search_space.items()}
 
-    def _split(self, study: optuna.Study, trial: FrozenTrial, trials: Sequence[FrozenTrial],
-               ) -> tuple[list[FrozenTrial], list[FrozenTrial]] | None:
-        """The trials the "below" estimator models and those the "above" one does, each in
-        trial-number order, as Optuna splits them; None if a trial is infeasible."""
-        minimize = study.direction == StudyDirection.MINIMIZE
-        ranks = self._ranked.setdefault(study._study_id, {})
-        running = TrialState.RUNNING
-        # (sort key, position, trial): the position breaks ties as Optuna's stable sort
-        # does, and keeps trials themselves out of the comparison.
-        complete: list[tuple[Any, int, FrozenTrial]] = []
-        pruned: list[tuple[Any, int, FrozenTrial]] = []
-        for other in trials:
-            if other.state is running:
-                continue
-            ranked = ranks.get(other._trial_id)
-            if ranked is None:
-                ranked = ranks[other._trial_id] = _rank(other, minimize)
-            if ranked.infeasible:
-                return None
-            group = complete if ranked.complete else pruned
-            group.append((ranked.key, len(group), other))
+    def _split(self, study: optuna.Study, trial: FrozenTrial, trials: list[FrozenTrial],
+               search_space: dict[str, BaseDistribution],
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+        """The observations of the "below" estimator and of the "above" one, split and
+        ordered by trial number as Optuna's TPE does; None if a trial is infeasible."""
+        memory = self._memory.setdefault(study._study_id, _StudyMemory())
+        running_state = TrialState.RUNNING
+        finished = [other for other in trials if other.state is not running_state]
+        running = [other for other in trials
+                   if other.state is running_state and other.number != trial.number]
+        rows = memory.rows_of(finished, study.direction == StudyDirection.MINIMIZE)
+        if memory.infeasible:
+            return None
         if self._gamma is None:
             self._gamma = default_gamma
-        n_below = self._gamma(len(complete) + len(pruned))
-        complete.sort()
-        pruned.sort()
+        n_below = self._gamma(len(finished))
+
+        keys = memory.keys.data[rows]
+        complete = np.flatnonzero(keys[:, 0] == 1.0)
+        pruned = np.flatnonzero(keys[:, 0] == 0.0)
+        # Stable sorts, so that ties keep trial-number order as Optuna's `sorted` does.
+        complete = complete[np.argsort(keys[complete, 1], kind="stable")]
+        pruned = pruned[np.lexsort((keys[pruned, 2], keys[pruned, 1]))]
         complete_below = min(n_below, len(complete))
         pruned_below = min(max(0, n_below - complete_below), len(pruned))
-        below_ids = {id(entry[2]) for entry in complete[:complete_below]}
-        below_ids.update(id(entry[2]) for entry in pruned[:pruned_below])
-        # Optuna's storages list a study's trials by number, the order both sides take.
-        below = [other for other in trials if id(other) in below_ids]
-        above = [other for other in trials
-                 if id(other) not in below_ids and other.number != trial.number]
-        return below, above
+        is_below = np.zeros(len(finished), dtype=bool)
+        is_below[complete[:complete_below]] = True
+        is_below[pruned[:pruned_below]] = True
 
-    def _get_internal_repr(self, trials: list[FrozenTrial],
-                           search_space: dict[str, BaseDistribution],
-                           study: optuna.Study) -> dict[str, np.ndarray]:
-        rows = self._rows.setdefault((tuple(search_space.items()), study._study_id), {})
-        running = TrialState.RUNNING
-        gathered: list[tuple[Any, ...]] = []
-        for other in trials:
-            if other.state is running:  # its parameters may still grow
-                row = self._row(other, search_space, study)
-            else:
-                try:
-                    row = rows[other._trial_id]
-                except KeyError:
-                    row = rows[other._trial_id] = self._row(other, search_space, study)
-            if row is not None:
-                gathered.append(row)
-        columns = list(zip(*gathered, strict=True)) or [() for _ in search_space]
-        return {name: np.asarray(column) for name, column in zip(search_space, columns,
-                                                                 strict=True)}
+        params = memory.params_of(search_space, self, study)[rows]
+        # Optuna's storages list a study's trials by number, so finished rows are in order.
+        below_rows = params[is_below]
+        above_rows = params[~is_below]
+        if running:
+            numbers = np.array([other.number for other in finished], dtype=np.int64)
+            live = np.array([_internal_row(other, search_space, self, study)
+                             for other in running]).reshape(len(running), -1)
+            live_numbers = np.array([other.number for other in running], dtype=np.int64)
+            order = np.argsort(np.concatenate([numbers[~is_below], live_numbers]),
+                               kind="stable")
+            above_rows = np.concatenate([above_rows, live])[order]
+        return _observations(below_rows, search_space), _observations(above_rows, search_space)
 
-    def _row(self, trial: FrozenTrial, search_space: dict[str, BaseDistribution],
-             study: optuna.Study) -> tuple[Any, ...] | None:
-        params = self._get_params(trial, study)
-        if not search_space.keys() <= params.keys():
-            return None
-        return tuple(distribution.to_internal_repr(params[name])
-                     for name, distribution in search_space.items())
+
+def _observations(rows: np.ndarray, space: dict[str, BaseDistribution]) -> dict[str, np.ndarray]:
+    """Rows (last column: has every parameter) as the columns Optuna's `_get_internal_repr`
+    gives: float64, a choice's index as int64."""
+    rows = rows[rows[:, -1] == 1.0]
+    # Optuna's empty column is np.asarray([]): float64 whatever the distribution.
+    whole = len(rows) > 0
+    return {name: (rows[:, column].astype(np.int64)
+                   if whole and isinstance(distribution, CategoricalDistribution)
+                   else rows[:, column])
+            for column, (name, distribution) in enumerate(space.items())}

@@ -9,6 +9,10 @@ The Parzen estimators, the candidates, the random numbers and the choice are Opt
 own: the sampler suggests exactly what `TPESampler` with the same arguments would
 (`tests/unit/test_tpe.py` compares them trial for trial).
 
+What is kept is only ever what the study's storage showed as finished; the server
+drops its Optuna objects, samplers included, when a transaction that changed them rolls
+back (`OptunaBridge`), so a result that was never committed is not remembered.
+
 It overrides `TPESampler._sample`, a private method of the pinned Optuna release
 (5.0.0). Studies it does not cover (several objectives, constraints) go to Optuna's own
 code unchanged.

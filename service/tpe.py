@@ -38,7 +38,7 @@ class _Rows:
     """A growing array with one row per finished trial, in the order first seen."""
 
     def __init__(self, width: int) -> None:
-        self._data = np.empty((64, width))
+        self._data = np.empty((16, width))
         self.size = 0
 
     def append(self, row: Sequence[float]) -> None:

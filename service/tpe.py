@@ -138,7 +138,7 @@ class IncrementalTPESampler(optuna.samplers.TPESampler):
                         for side in observations)
         candidates = below.sample(self._rng.rng, self._n_ei_candidates)
         scores = self._compute_acquisition_func(candidates, below, above)
-        chosen = optuna.samplers.TPESampler._compare(candidates, scores)
+        chosen = self._compare(candidates, scores)
         return {name: distribution.to_external_repr(chosen[name])
                 for name, distribution in search_space.items()}
 

@@ -21,6 +21,7 @@ code unchanged.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -122,6 +123,10 @@ class IncrementalTPESampler(optuna.samplers.TPESampler):
         super().__init__(**kwargs)
         # study id -> what is known of its finished trials (they never change in Optuna)
         self._memory: dict[int, _StudyMemory] = {}
+        # The server samples a study in two threads at once at times (a claim's proposal
+        # outside the journal's lock and another claim's ask under it); the memory's rows
+        # must be added by one at a time or they would no longer line up.
+        self._memory_lock = threading.Lock()
 
     def _sample(self, study: optuna.Study, trial: FrozenTrial,
                 search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -147,6 +152,13 @@ class IncrementalTPESampler(optuna.samplers.TPESampler):
                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
         """The observations of the "below" estimator and of the "above" one, split and
         ordered by trial number as Optuna's TPE does; None if a trial is infeasible."""
+        with self._memory_lock:
+            return self._split_holding_lock(study, trial, trials, search_space)
+
+    def _split_holding_lock(
+        self, study: optuna.Study, trial: FrozenTrial, trials: list[FrozenTrial],
+        search_space: dict[str, BaseDistribution],
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
         memory = self._memory.setdefault(study._study_id, _StudyMemory())
         running_state = TrialState.RUNNING
         finished = [other for other in trials if other.state is not running_state]

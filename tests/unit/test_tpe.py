@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import threading
+import time
 import warnings
 from collections.abc import Callable
 
@@ -94,3 +96,48 @@ def test_constraints_take_optunas_own_path() -> None:
         warnings.simplefilter("ignore")
         assert (run(IncrementalTPESampler(seed=0, constraints_func=constraints))
                 == run(optuna.samplers.TPESampler(seed=0, constraints_func=constraints)))
+
+
+def test_two_threads_sampling_one_study_keep_its_memory_in_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server samples one study in two threads at times (a proposal outside the
+    journal's lock, an ask under it). A thread switch while the first one adds trials to
+    the memory must not leave the other reading rows that are not there yet."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = IncrementalTPESampler(seed=0)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(40):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("x", -5.0, 5.0) ** 2)
+    study.sampler = sampler
+    space = {"x": optuna.distributions.FloatDistribution(-5.0, 5.0)}
+    current = study.ask()
+    trials = study.get_trials(deepcopy=False)
+
+    import service.tpe as tpe
+
+    first_sees = tpe._keys
+
+    def slowly(*args: object) -> tuple[float, float, float]:
+        time.sleep(0.002)  # hand the interpreter to the other thread mid-way
+        return first_sees(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tpe, "_keys", slowly)
+    results: list[object] = []
+
+    def split() -> None:
+        try:
+            results.append(sampler._split(study, current, trials, space))
+        except Exception as error:  # noqa: BLE001 - the failure is what is checked
+            results.append(error)
+
+    threads = [threading.Thread(target=split) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not [r for r in results if isinstance(r, Exception)], results
+    memory = sampler._memory[study._study_id]
+    assert len(memory.trials) == memory.keys.size == len(memory.index) == 40
+    below, above = results[0]  # type: ignore[misc]
+    assert len(below["x"]) + len(above["x"]) == 40

@@ -1,7 +1,7 @@
 """The server's TPE against Optuna's, on the same study: ask time and the same suggestions.
 
     python -m benchmarks.tpe_sampler --trials 1000
-    python -m benchmarks.tpe_sampler --trials 10000 --every 2000
+    python -m benchmarks.tpe_sampler --trials 10000 --every 2500
 
 Two in-memory studies driven by hand (`benchmarks._common.HandDriven`: ask, five
 reports with the median pruner, tell), one with Optuna's `TPESampler(seed=0)` and one

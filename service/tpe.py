@@ -55,9 +55,15 @@ class _Rows:
 
 class _StudyMemory:
     """What the split and the estimators need of a study's finished trials, each worked
-    out once: a row per trial, indexed by `index`."""
+    out once: a row per trial, indexed by `index`.
+
+    The server samples a study in two threads at once at times (a claim's proposal
+    outside the journal's lock, another claim's ask under it), so rows are added and
+    read under a lock, or two threads could add the same trial and the rows would no
+    longer line up."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self.index: dict[int, int] = {}  # trial id -> row
         self.trials: list[FrozenTrial] = []
         # complete (1.0 or 0.0), primary key, secondary key. Complete trials sort by
@@ -68,30 +74,29 @@ class _StudyMemory:
         # trial has every parameter of the space: 1.0 or 0.0)
         self.params: dict[Hashable, _Rows] = {}
 
-    def rows_of(self, trials: list[FrozenTrial], minimize: bool) -> np.ndarray:
-        """Each trial's row, adding trials seen for the first time."""
-        index = self.index
-        try:
-            return np.fromiter(map(index.__getitem__, (t._trial_id for t in trials)),
-                               dtype=np.intp, count=len(trials))
-        except KeyError:
+    def rows_of(self, trials: list[FrozenTrial], minimize: bool,
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Each trial's row and its sort keys, adding trials seen for the first time."""
+        with self._lock:
             for trial in trials:
-                if trial._trial_id not in index:
-                    index[trial._trial_id] = len(self.trials)
+                if trial._trial_id not in self.index:
+                    self.index[trial._trial_id] = len(self.trials)
                     self.trials.append(trial)
                     self.keys.append(_keys(trial, minimize))
                     self.infeasible |= any(v > 0 for v in trial.constraints.values())
-            return np.fromiter(map(index.__getitem__, (t._trial_id for t in trials)),
+            rows = np.fromiter(map(self.index.__getitem__, (t._trial_id for t in trials)),
                                dtype=np.intp, count=len(trials))
+            return rows, self.keys.data[rows]
 
-    def params_of(self, space: dict[str, BaseDistribution], sampler: IncrementalTPESampler,
-                  study: optuna.Study) -> np.ndarray:
-        """Every known trial's parameters in `space`'s internal form, its last column
-        1.0 where the trial has them all."""
-        rows = self.params.setdefault(tuple(space.items()), _Rows(len(space) + 1))
-        for trial in self.trials[rows.size:]:
-            rows.append(_internal_row(trial, space, sampler, study))
-        return rows.data
+    def params_of(self, rows: np.ndarray, space: dict[str, BaseDistribution],
+                  sampler: IncrementalTPESampler, study: optuna.Study) -> np.ndarray:
+        """The parameters of the trials at `rows` in `space`'s internal form, the last
+        column 1.0 where the trial has them all."""
+        with self._lock:
+            kept = self.params.setdefault(tuple(space.items()), _Rows(len(space) + 1))
+            for trial in self.trials[kept.size:]:
+                kept.append(_internal_row(trial, space, sampler, study))
+            return kept.data[rows]
 
 
 def _keys(trial: FrozenTrial, minimize: bool) -> tuple[float, float, float]:
@@ -123,10 +128,6 @@ class IncrementalTPESampler(optuna.samplers.TPESampler):
         super().__init__(**kwargs)
         # study id -> what is known of its finished trials (they never change in Optuna)
         self._memory: dict[int, _StudyMemory] = {}
-        # The server samples a study in two threads at once at times (a claim's proposal
-        # outside the journal's lock and another claim's ask under it); the memory's rows
-        # must be added by one at a time or they would no longer line up.
-        self._memory_lock = threading.Lock()
 
     def _sample(self, study: optuna.Study, trial: FrozenTrial,
                 search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -152,26 +153,18 @@ class IncrementalTPESampler(optuna.samplers.TPESampler):
                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
         """The observations of the "below" estimator and of the "above" one, split and
         ordered by trial number as Optuna's TPE does; None if a trial is infeasible."""
-        with self._memory_lock:
-            return self._split_holding_lock(study, trial, trials, search_space)
-
-    def _split_holding_lock(
-        self, study: optuna.Study, trial: FrozenTrial, trials: list[FrozenTrial],
-        search_space: dict[str, BaseDistribution],
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
         memory = self._memory.setdefault(study._study_id, _StudyMemory())
         running_state = TrialState.RUNNING
         finished = [other for other in trials if other.state is not running_state]
         running = [other for other in trials
                    if other.state is running_state and other.number != trial.number]
-        rows = memory.rows_of(finished, study.direction == StudyDirection.MINIMIZE)
+        rows, keys = memory.rows_of(finished, study.direction == StudyDirection.MINIMIZE)
         if memory.infeasible:
             return None
         if self._gamma is None:
             self._gamma = default_gamma
         n_below = self._gamma(len(finished))
 
-        keys = memory.keys.data[rows]
         complete = np.flatnonzero(keys[:, 0] == 1.0)
         pruned = np.flatnonzero(keys[:, 0] == 0.0)
         # Stable sorts, so that ties keep trial-number order as Optuna's `sorted` does.
@@ -183,7 +176,7 @@ class IncrementalTPESampler(optuna.samplers.TPESampler):
         is_below[complete[:complete_below]] = True
         is_below[pruned[:pruned_below]] = True
 
-        params = memory.params_of(search_space, self, study)[rows]
+        params = memory.params_of(rows, search_space, self, study)
         # Optuna's storages list a study's trials by number, so finished rows are in order.
         below_rows = params[is_below]
         above_rows = params[~is_below]

@@ -56,6 +56,9 @@ def add_common_options(parser: argparse.ArgumentParser, trials: int) -> None:
                         help="PostgreSQL server on which fresh databases are created")
     parser.add_argument("--ask-ahead", action="store_true",
                         help="run the server with CLRSEARCH_ASK_AHEAD=true (off by default)")
+    parser.add_argument("--claim-apart", action="store_true",
+                        help="simulated workers claim in calls of their own instead of "
+                             "with each completion (claim_next), as workers did before")
 
 
 def server_options(args: argparse.Namespace) -> dict[str, str]:
@@ -204,6 +207,7 @@ class Cycle:
     """One trial's calls: how long each took, in seconds."""
 
     number: int
+    # A claim of its own; 0 for a trial that came with the last trial's completion.
     claim_s: float
     report_s: list[float] = field(default_factory=list)
     complete_s: float = 0.0
@@ -212,19 +216,27 @@ class Cycle:
     finished_at: float = 0.0
     # The objective a trial that ran to its end completed with; None when pruned.
     value: float | None = None
+    # The trial came with the last trial's completion (claim_s is then 0).
+    came_with_completion: bool = False
+    # The completion also claimed the next trial (its time is in complete_s).
+    claimed_next: bool = False
 
 
 class SimulatedWorker:
     """The worker protocol as a real worker speaks it, with no training in between:
     claim, report each epoch and follow the answer, complete (also after a prune, as
-    `worker.loop` does)."""
+    `worker.loop` does), the completion carrying the next claim (`claim_apart`: claims of
+    their own, as workers before `claim_next` did)."""
 
-    def __init__(self, server_url: str, worker_id: str) -> None:
+    def __init__(self, server_url: str, worker_id: str, claim_apart: bool = False) -> None:
         self.worker_id = worker_id
+        self.claim_apart = claim_apart
         self.http = httpx.Client(base_url=f"{server_url}/api/v1/worker", timeout=120)
         self.retry_after_s = 0.0
         # 404s for a trial this worker was just given (see `_post`).
         self.unseen_trial = 0
+        # The answer to the claim that went with the last completion.
+        self._claimed: dict[str, Any] | None = None
 
     def close(self) -> None:
         self.http.close()
@@ -232,13 +244,17 @@ class SimulatedWorker:
     def cycle(self) -> Cycle | None:
         """Run one trial; None when the server had none to give."""
         started = time.perf_counter()
-        answer = self._post("/claim", {"worker_id": self.worker_id, "device": "sim"})
+        answer, self._claimed = self._claimed, None
+        came_with_completion = answer is not None
+        if answer is None:
+            answer = self._post("/claim", self._claim_request())
         claimed = time.perf_counter()
         trial = answer["trial"]
         if trial is None:
             self.retry_after_s = answer["retry_after_s"]
             return None
-        cycle = Cycle(number=trial["number"], claim_s=claimed - started)
+        cycle = Cycle(number=trial["number"], claim_s=claimed - started,
+                      came_with_completion=came_with_completion)
         path = f"/trials/{trial['trial_id']}"
         for epoch, loss in enumerate(simulated_losses(trial["params"], trial["number"]), 1):
             sent = time.perf_counter()
@@ -248,13 +264,19 @@ class SimulatedWorker:
                 cycle.pruned = decision["action"] == "prune"
                 break
         sent = time.perf_counter()
-        self._post(f"{path}/complete", {"lease_id": trial["lease_id"], "value": loss,
-                                        "pruned": cycle.pruned})
+        body = {"lease_id": trial["lease_id"], "value": loss, "pruned": cycle.pruned}
+        if not self.claim_apart:
+            body["claim_next"] = self._claim_request()
+        self._claimed = self._post(f"{path}/complete", body).get("next")
+        cycle.claimed_next = not self.claim_apart
         cycle.value = None if cycle.pruned else loss
         cycle.finished_at = time.perf_counter()
         cycle.complete_s = cycle.finished_at - sent
         cycle.total_s = cycle.finished_at - started
         return cycle
+
+    def _claim_request(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "device": "sim"}
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         response = self.http.post(path, json=body)

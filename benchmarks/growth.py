@@ -65,7 +65,7 @@ def main() -> None:
             common.running_server(service_db, folder, **common.server_options(args)) as server:
         common.submit(server.url, common.study_spec("growth", n, 1, sampler="random"))
         rdb = common.HandDriven(baseline_db, sampler="random") if args.optuna else None
-        worker = common.SimulatedWorker(server.url, "sim-0")
+        worker = common.SimulatedWorker(server.url, "sim-0", args.claim_apart)
         cpu_s.append(server.cpu_s())
         for index in range(n):
             cycle = worker.cycle()

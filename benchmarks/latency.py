@@ -6,13 +6,16 @@ A real `clrsearch serve` process on a fresh PostgreSQL database and a study whos
 parallelism equals the number of workers (TPE, median pruner asked every epoch). Each
 simulated worker claims, "trains" for `--epoch-s` seconds per epoch (uniformly 0.5x to
 1.5x, so that workers drift apart as real ones do; 0 hammers the server), reports each
-epoch and follows the pruner's answer, and completes. The first claims are spread over
-`--stagger-s` (one epoch by default): with `--stagger-s 0` all 64 claim at once, which
-today deadlocks the server (docs/benchmarks.md, "Latency under load"). The latency of a
-call is measured by the client, from sending the request to reading the answer: it
-includes HTTP, the server's queueing, and this process's own event loop, which shares
-the two cores. A call answered 5xx or timed out is retried after a pause, as a worker
-would, and counted; the percentiles time the try that succeeded.
+epoch and follows the pruner's answer, and completes, the completion carrying the next
+claim as the real worker's does (`--claim-apart`: claims of their own); such a call is
+timed as a claim, and "complete" times only the completions that carried none. The first
+claims are spread over `--stagger-s` (one epoch by default): with `--stagger-s 0` all 64
+claim at once, which today deadlocks the server (docs/benchmarks.md, "Latency under
+load"). The latency of a call is measured by the client, from sending the request to
+reading the answer: it includes HTTP, the server's queueing, and this process's own
+event loop, which shares the two cores. A call answered 5xx or timed out is retried
+after a pause, as a worker would, and counted; the percentiles time the try that
+succeeded.
 
 The baseline, in the same run: one worker alone against the same server and the same
 study once the loaded phase is over, so the ratio shows what the load itself costs.
@@ -61,17 +64,23 @@ class Load:
 
 
 async def simulated_worker(client: httpx.AsyncClient, index: int, load: Load,
-                           epoch_s: float, stagger_s: float) -> None:
+                           epoch_s: float, stagger_s: float, claim_apart: bool) -> None:
     jitter = random.Random(index)
     # A fleet started at one instant sends every claim at once; see `--stagger-s`.
     await asyncio.sleep(jitter.uniform(0, stagger_s))
-    while load.reserved < load.trials:
-        # Reserved before the await, so that no more than `trials` are claimed in all.
-        load.reserved += 1
-        sent = time.perf_counter()
-        answer = await post(client, "/claim", {"worker_id": f"sim-{index}", "device": "sim"},
-                            load)
-        took = time.perf_counter() - sent
+    claim = {"worker_id": f"sim-{index}", "device": "sim"}
+    # The answer to the claim that went with the last completion, and how long that
+    # completion with its claim took.
+    claimed: tuple[dict, float] | None = None
+    while claimed is not None or load.reserved < load.trials:
+        if claimed is None:
+            # Reserved before the await, so that no more than `trials` are claimed in all.
+            load.reserved += 1
+            sent = time.perf_counter()
+            answer = await post(client, "/claim", claim, load)
+            took = time.perf_counter() - sent
+        else:
+            (answer, took), claimed = claimed, None
         trial = answer["trial"]
         if trial is None:
             load.reserved -= 1
@@ -91,10 +100,17 @@ async def simulated_worker(client: httpx.AsyncClient, index: int, load: Load,
             if decision["action"] != "continue":
                 pruned = decision["action"] == "prune"
                 break
+        body = {"lease_id": trial["lease_id"], "value": loss, "pruned": pruned}
+        if not claim_apart and load.reserved < load.trials:
+            load.reserved += 1
+            body["claim_next"] = claim  # as worker.loop does; timed as a claim
         sent = time.perf_counter()
-        await post(client, f"{path}/complete",
-                   {"lease_id": trial["lease_id"], "value": loss, "pruned": pruned}, load)
-        load.completes.append(time.perf_counter() - sent)
+        acked = await post(client, f"{path}/complete", body, load)
+        took = time.perf_counter() - sent
+        if "claim_next" in body:
+            claimed = (acked["next"], took)
+        else:
+            load.completes.append(took)
 
 
 async def post(client: httpx.AsyncClient, path: str, body: dict, load: Load) -> dict:
@@ -123,12 +139,12 @@ async def post(client: httpx.AsyncClient, path: str, body: dict, load: Load) -> 
 
 
 async def run_load(server_url: str, workers: int, load: Load, epoch_s: float,
-                   stagger_s: float) -> None:
+                   stagger_s: float, claim_apart: bool) -> None:
     limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
     async with httpx.AsyncClient(base_url=f"{server_url}/api/v1/worker",
                                  timeout=CALL_TIMEOUT_S, limits=limits) as client:
-        await asyncio.gather(*(simulated_worker(client, i, load, epoch_s, stagger_s)
-                               for i in range(workers)))
+        await asyncio.gather(*(simulated_worker(client, i, load, epoch_s, stagger_s,
+                                                claim_apart) for i in range(workers)))
 
 
 def main() -> None:
@@ -161,11 +177,12 @@ def main() -> None:
         common.submit(server.url, spec)
         cpu_before, started = server.cpu_s(), time.perf_counter()
         stagger_s = args.epoch_s if args.stagger_s is None else args.stagger_s
-        asyncio.run(run_load(server.url, args.workers, load, args.epoch_s, stagger_s))
+        asyncio.run(run_load(server.url, args.workers, load, args.epoch_s, stagger_s,
+                             args.claim_apart))
         wall_s = time.perf_counter() - started
         server_busy = (server.cpu_s() - cpu_before) / wall_s
 
-        alone = common.SimulatedWorker(server.url, "alone")
+        alone = common.SimulatedWorker(server.url, "alone", args.claim_apart)
         lone_cycles = [alone.cycle() for _ in range(args.alone)]
         alone.close()
     lone = [cycle for cycle in lone_cycles if cycle is not None]
@@ -176,7 +193,9 @@ def main() -> None:
     late = args.trials * 3 // 4
     late_claims = [took for number, took in load.claims if number >= late]
     late_reports = [took for number, took in load.reports if number >= late]
-    lone_claims = [cycle.claim_s for cycle in lone]
+    # Timed as the loaded workers' claims are: with the completion that carried them.
+    lone_claims = [cycle.claim_s for cycle in lone] if args.claim_apart else [
+        cycle.complete_s for cycle in lone if cycle.claimed_next]
     lone_reports = [s for cycle in lone for s in cycle.report_s]
 
     def row(name: str, values: list[float]) -> list[str]:

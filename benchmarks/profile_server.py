@@ -66,6 +66,7 @@ OPERATIONS = [
     ("route: claim", "claim", "/service/api.py"),
     ("route: report", "report", "/service/api.py"),
     ("route: complete", "complete", "/service/api.py"),
+    ("claiming (on its own or with a completion)", "_claim_sampling", "/service/api.py"),
     ("bridge.ask (Optuna ask + suggest)", "ask", "/service/optuna_bridge.py"),
     ("bridge.report (report + should_prune)", "report", "/service/optuna_bridge.py"),
     ("bridge.tell", "tell", "/service/optuna_bridge.py"),
@@ -195,7 +196,7 @@ def sample_server(args: argparse.Namespace) -> None:
             common.running_server(database, folder, **common.server_options(args)) as server:
         common.submit(server.url, common.study_spec("profile", args.trials, 1,
                                                     sampler=args.sampler))
-        worker = common.SimulatedWorker(server.url, "sim-0")
+        worker = common.SimulatedWorker(server.url, "sim-0", args.claim_apart)
         for _ in range(args.trials - args.profiled):
             worker.cycle()
         raw = folder / "stacks.txt"

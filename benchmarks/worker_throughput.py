@@ -21,7 +21,8 @@ Turnaround, measured in process: a real `Worker.run()` against the same server r
 study of `--turnaround-trials` one-epoch trials with the data set already cached.
 `worker.loop.train_trial` is wrapped to stamp the end of each trial's training, and a
 global optimizer pre-step hook stamps each trial's first optimizer step; the gap is
-split into the completion call, the claim call and the set-up before the first step.
+split into the completion call (which carries the next claim), a claim call of its own
+(none unless the completion's answer was lost) and the set-up before the first step.
 The baseline is the bare loop's own gap: building the next model, optimizer and
 schedule and reaching the first step, with no server.
 
@@ -189,15 +190,17 @@ def measure_turnaround(server_url: str, data_dir: Path, task: TaskSpec, trials: 
         hook.remove()
         worker.loop.train_trial = original
 
-    gaps: dict[str, list[float]] = {"gap": [], "complete": [], "claim": [], "set-up": []}
+    gaps: dict[str, list[float]] = {"gap": [], "complete (with the next claim)": [],
+                                    "claim of its own": [], "set-up": []}
     for index in range(len(stamps.trial_ends) - 1):
         ended, next_step = stamps.trial_ends[index], stamps.first_steps[index + 1]
         complete = next(c for c in stamps.completes if c[0] >= ended)
-        claim = next(c for c in stamps.claims if c[0] >= complete[1])
+        # None when the completion carried the claim, as it does unless its answer was lost.
+        claim = next((c for c in stamps.claims if complete[1] <= c[0] <= next_step), None)
         gaps["gap"].append(next_step - ended)
-        gaps["complete"].append(complete[1] - complete[0])
-        gaps["claim"].append(claim[1] - claim[0])
-        gaps["set-up"].append(next_step - claim[1])
+        gaps["complete (with the next claim)"].append(complete[1] - complete[0])
+        gaps["claim of its own"].append(claim[1] - claim[0] if claim else 0.0)
+        gaps["set-up"].append(next_step - (claim[1] if claim else complete[1]))
     return gaps
 
 

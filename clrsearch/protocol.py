@@ -13,6 +13,11 @@ Shared by the server and the workers; imports only pydantic and `clrsearch.spec`
 Every call after claim carries the `lease_id` it was given, so that a worker whose
 lease lapsed and whose trial went to another worker is told so instead of writing
 over the new holder's results.
+
+A completion may carry the worker's next claim (`claim_next`): the server records the
+completion, commits it, then answers the claim in `Ack.next`, as `/claim` would. The
+worker starts its next trial one round trip sooner, and the server still hears how a
+trial ended before it hands out the next one.
 """
 
 from __future__ import annotations
@@ -103,6 +108,9 @@ class CompleteRequest(_Wire):
     stopped: bool = False
     # Set by range-test trials only.
     range_test: RangeTestCurve | None = None
+    # The worker's next claim, answered in `Ack.next` once the completion is committed.
+    # Sent only by a worker that will run what it is given: never kept in the spool.
+    claim_next: ClaimRequest | None = None
 
 
 class FailRequest(_Wire):
@@ -122,3 +130,5 @@ class FailRequest(_Wire):
 class Ack(_Wire):
     recorded: bool
     state: str
+    # The answer to `CompleteRequest.claim_next`, when the completion carried one.
+    next: ClaimResponse | None = None

@@ -215,15 +215,26 @@ def _json(answer: BaseModel) -> Response:
 
 @workers.post("/claim", response_model=protocol.ClaimResponse)
 def claim(body: protocol.ClaimRequest, request: Request) -> Response:
-    sessions, bridge, settings = _state(request)
+    return _json(_claim(body, *_state(request)))
+
+
+def _claim(body: protocol.ClaimRequest, sessions: sessionmaker[Session], bridge: OptunaBridge,
+           settings: ServerSettings) -> protocol.ClaimResponse:
+    with unit_of_work(sessions) as session:
+        to_sample = domain.study_to_sample(session)
+    return _claim_sampling(body, to_sample, sessions, bridge, settings)
+
+
+def _claim_sampling(
+    body: protocol.ClaimRequest, to_sample: StudySpec | None, sessions: sessionmaker[Session],
+    bridge: OptunaBridge, settings: ServerSettings,
+) -> protocol.ClaimResponse:
+    """A claim, once `domain.study_to_sample` has been read in a committed transaction."""
     # The sampler works between two transactions, holding no lock, so that reports and
     # other claims need not wait for it (OptunaBridge.propose).
+    proposal = bridge.next_proposal(to_sample) if to_sample is not None else None
     with unit_of_work(sessions) as session:
-        spec = domain.study_to_sample(session)
-    proposal = bridge.next_proposal(spec) if spec is not None else None
-    with unit_of_work(sessions) as session:
-        answer = domain.claim(session, bridge, settings, body, proposal)
-    return _json(answer)
+        return domain.claim(session, bridge, settings, body, proposal)
 
 
 @workers.post("/trials/{trial_id}/heartbeat", response_model=protocol.Decision)
@@ -244,9 +255,19 @@ def report(trial_id: RowId, body: protocol.EpochReport, request: Request) -> Res
 
 @workers.post("/trials/{trial_id}/complete", response_model=protocol.Ack)
 def complete(trial_id: RowId, body: protocol.CompleteRequest, request: Request) -> Response:
+    """Record a trial's end; with `claim_next`, then claim the worker's next trial."""
     sessions, bridge, settings = _state(request)
     with unit_of_work(sessions) as session:
         answer = domain.complete(session, bridge, settings, trial_id, body)
+        # The claim's first question, asked in this transaction rather than one more.
+        to_sample = domain.study_to_sample(session) if body.claim_next is not None else None
+    if body.claim_next is None:
+        # The answer as it was before `claim_next`, for workers that do not send it.
+        return Response(answer.model_dump_json(exclude={"next"}),
+                        media_type="application/json")
+    # After the completion's commit: the sampler sees this trial's result, and a failed
+    # claim loses nothing (a retried completion is a repeat, its claim a new one).
+    answer.next = _claim_sampling(body.claim_next, to_sample, sessions, bridge, settings)
     return _json(answer)
 
 

@@ -113,9 +113,12 @@ class Worker:
     def _claim_and_train(self, request: protocol.ClaimRequest) -> None:
         idle_since = time.monotonic()
         delay_s = FIRST_CLAIM_DELAY_S
+        # The answer to the claim that went with the last completion, if it went.
+        answered: protocol.ClaimResponse | None = None
         while not self.shutdown.is_set():
             try:
-                answer = self.client.claim(request, patience_s=0)
+                answer = (answered if answered is not None
+                          else self.client.claim(request, patience_s=0))
             except ServerUnreachable as error:
                 # One warning per outage, then quiet retries. Time without a server is not
                 # idleness: there may be work once it is back.
@@ -129,6 +132,7 @@ class Worker:
             if delay_s != FIRST_CLAIM_DELAY_S:
                 logger.info("worker %s reaches the server again", self.settings.worker_id)
             delay_s = FIRST_CLAIM_DELAY_S
+            answered = None
             if answer.trial is None:
                 idle_s = time.monotonic() - idle_since
                 if self.settings.max_idle_s is not None and idle_s >= self.settings.max_idle_s:
@@ -137,13 +141,24 @@ class Worker:
                     return
                 self.shutdown.wait(answer.retry_after_s or 1.0)
                 continue
-            self.run_trial(answer.trial)
+            answered = self.run_trial(answer.trial, claim_next=request)
             # The server hears how this trial ended before it is asked for another: a
             # claim first would be answered with this very trial, still running there.
+            # (A claim that went with the completion was answered after it was recorded.)
             self._deliver_spool()
             idle_since = time.monotonic()
+        if answered is not None and answered.trial is not None:
+            # Claimed with the last completion while the signal to leave came: handed
+            # back at once rather than held until its lease lapses.
+            self._send_fail(answered.trial, "the worker left before starting the trial",
+                            retryable=True)
 
-    def run_trial(self, trial: protocol.TrialAssignment) -> None:
+    def run_trial(
+        self, trial: protocol.TrialAssignment, claim_next: protocol.ClaimRequest | None = None
+    ) -> protocol.ClaimResponse | None:
+        """Train one trial and send its results. With `claim_next`, the completion carries
+        that claim, unless the worker is leaving; returns the server's answer to it, or
+        None when it was not sent or not answered (the caller then claims on its own)."""
         label = f"trial {trial.number} of study {trial.study_name!r}"
         settings = trial.params or trial.baseline or trial.range_test
         logger.info("worker %s starts %s %s (attempt %d): %s", self.settings.worker_id,
@@ -204,7 +219,7 @@ class Worker:
                 self._run_range_test(trial, label, should_stop)
             finally:
                 finished.set()
-            return
+            return None
 
         checkpoint = None
         if self.settings.checkpoint_dir is not None:
@@ -220,33 +235,38 @@ class Worker:
         except Exception as error:
             finished.set()
             if lease_lost.is_set():
-                return
+                return None
             # Missing data or a precision this device lacks may be present on another
             # worker; a training error is not.
             retryable = isinstance(error, (DatasetUnavailable, PrecisionUnavailable))
             logger.error("%s failed on worker %s: %s", label, self.settings.worker_id, error)
             self._send_fail(trial, traceback.format_exc(), retryable=retryable)
-            return
+            return None
         finished.set()
         self.trials_run += 1
 
         if lease_lost.is_set():
             logger.warning("%s: the lease went to another worker; its results are theirs",
                            label)
-            return
+            return None
         if outcome.status == "stopped" and self.shutdown.is_set() and not told_to_stop.is_set():
             self._send_fail(trial, "the worker was shut down mid-trial", retryable=True)
-            return
+            return None
         body = protocol.CompleteRequest(
             lease_id=trial.lease_id, value=outcome.value if outcome.value is not None else 0.0,
             pruned=outcome.status == "pruned", stopped=outcome.status == "stopped",
         )
-        delivery = self.outbox.send("complete", trial, body)
+        delivery = self.outbox.send(
+            "complete", trial, body,
+            claim_next=None if self.shutdown.is_set() else claim_next,
+        )
         if isinstance(delivery.answer, protocol.Ack):
             logger.info("%s %s with value %s", label, delivery.answer.state, outcome.value)
-        elif not delivery.lease_lost:
+            return delivery.answer.next
+        if not delivery.lease_lost:
             logger.info("%s %s with value %s; the completion is spooled until the server "
                         "answers", label, outcome.status, outcome.value)
+        return None
 
     def _run_range_test(self, trial: protocol.TrialAssignment, label: str,
                         should_stop: Callable[[], bool]) -> None:

@@ -259,6 +259,9 @@ class Outbox:
         # that lists an entry always finds its `Posted`.
         self._posted: dict[int, Posted] = {}
         self._tracking = threading.Lock()
+        # Claims to send with a completion's first try, by sequence (`send`); never on
+        # disk, so that a completion delivered later, or by another worker, claims nothing.
+        self._claims_next: dict[int, protocol.ClaimRequest] = {}
         # The sender thread and what wakes it: a post since its last pass, or close.
         self._sender: threading.Thread | None = None
         self._wake = threading.Condition()
@@ -288,11 +291,16 @@ class Outbox:
         return posted
 
     def send(
-        self, call: ResultCall, trial: protocol.TrialAssignment, body: BaseModel
+        self, call: ResultCall, trial: protocol.TrialAssignment, body: BaseModel,
+        claim_next: protocol.ClaimRequest | None = None,
     ) -> Delivery:
         """Spool one result, then deliver what waits, once, on this thread; never waits
-        for a server that does not answer (beyond one try of each call)."""
-        posted = self._spool(call, trial, body, None)
+        for a server that does not answer (beyond one try of each call).
+
+        `claim_next` (completions only) goes with the first try of this result, and the
+        server's answer to it comes back in the delivered `Ack.next`.
+        """
+        posted = self._spool(call, trial, body, None, claim_next)
         self.deliver()
         # The pass just made, or one before it on the sender thread, has settled it.
         delivery = posted.wait(0)
@@ -334,8 +342,13 @@ class Outbox:
                 self.spool.remove(entry)
                 self._settle(entry, None)
                 continue
+            body = entry.body
+            with self._tracking:
+                claim_next = self._claims_next.pop(entry.sequence, None)
+            if claim_next is not None:
+                body = {**body, "claim_next": claim_next.model_dump(mode="json")}
             try:
-                answer = self.client.send_result(entry.call, entry.trial_id, entry.body,
+                answer = self.client.send_result(entry.call, entry.trial_id, body,
                                                  patience_s=0)
             except ServerUnreachable as error:
                 self._note_unreachable(error, entries[-1].sequence)
@@ -389,17 +402,25 @@ class Outbox:
     def _spool(
         self, call: ResultCall, trial: protocol.TrialAssignment, body: BaseModel,
         on_delivery: Callable[[Delivery], None] | None,
+        claim_next: protocol.ClaimRequest | None = None,
     ) -> Posted:
+        if claim_next is not None and call != "complete":
+            raise ValueError(f"only a completion can carry the next claim, not a {call}")
         with self._tracking:
             entry = self.spool.append(call, trial.trial_id, trial.study_name, trial.number,
                                       body)
             posted = Posted(entry, on_delivery)
             self._posted[entry.sequence] = posted
+            if claim_next is not None:
+                self._claims_next[entry.sequence] = claim_next
         return posted
 
     def _settle(self, entry: Entry, answer: protocol.Decision | protocol.Ack | None) -> None:
         with self._tracking:
             posted = self._posted.pop(entry.sequence, None)
+            # A claim goes with the first pass that lists its completion or not at all:
+            # a completion that waits is delivered before a claim of its own.
+            self._claims_next.pop(entry.sequence, None)
         if posted is not None:
             posted._settle(Delivery(
                 answer=answer, ended=self._action(entry.lease_id),

@@ -165,6 +165,48 @@ def test_repeated_report_and_complete_record_nothing_twice(client: TestClient) -
     assert detail["value"] == 0.7
 
 
+def complete_and_claim(client: TestClient, trial: dict[str, Any], value: float,
+                       worker_id: str = "w1", lease_id: str | None = None):
+    return client.post(f"{WORKER}/trials/{trial['trial_id']}/complete", json={
+        "lease_id": lease_id or trial["lease_id"], "value": value,
+        "claim_next": {"worker_id": worker_id, "device": "cpu"},
+    })
+
+
+def test_completion_carrying_the_next_claim_records_first_then_claims(
+    client: TestClient,
+) -> None:
+    submit(client, n_trials=2)
+    first = claim(client)
+    report(client, first, 1, 0.4)
+
+    answer = complete_and_claim(client, first, 0.4).json()
+    # The answer to a lost reply, asked again: the same completion, the trial it gave.
+    again = complete_and_claim(client, first, 0.4).json()
+    plain = complete(client, first, 0.4).json()
+
+    assert answer["recorded"] is True and answer["state"] == "complete"
+    second = answer["next"]["trial"]
+    assert second["number"] == 1 and second["trial_id"] != first["trial_id"]
+    assert again["next"]["trial"] == second
+    assert plain == {"recorded": True, "state": "complete"}  # no claim, no "next"
+    study = client.get("/api/v1/studies/s").json()
+    assert study["counts"]["complete"] == 1 and study["counts"]["running"] == 1
+    # With the budget spent, the claim that goes with the last completion gets nothing.
+    complete(client, second, 0.2)
+    assert complete_and_claim(client, second, 0.2).json()["next"]["trial"] is None
+
+
+def test_refused_completion_claims_nothing(client: TestClient) -> None:
+    submit(client, n_trials=3)
+    trial = claim(client)
+
+    refused = complete_and_claim(client, trial, 0.4, lease_id="forged")
+
+    assert refused.status_code == 409
+    assert client.get("/api/v1/studies/s").json()["counts"]["running"] == 1
+
+
 def test_parallelism_and_trial_budget_are_never_exceeded(client: TestClient) -> None:
     submit(client, n_trials=3, parallelism=2)
 

@@ -38,7 +38,12 @@ class FakeServer:
             raise answer
         if call == "report":
             return protocol.Decision(action=answer or "continue")
-        return protocol.Ack(recorded=True, state="complete" if call == "complete" else "queued")
+        ack = protocol.Ack(recorded=True, state="complete" if call == "complete" else "queued")
+        if body.get("claim_next") is not None:
+            self.calls.append(("claim with the completion", trial_id, None))
+            ack.next = protocol.ClaimResponse(trial=self.claims.pop(0) if self.claims
+                                              else None, retry_after_s=0.01)
+        return ack
 
     def claim(self, request: protocol.ClaimRequest, patience_s=None) -> protocol.ClaimResponse:
         self.calls.append(("claim", 0, None))
@@ -382,7 +387,8 @@ def test_worker_trains_on_while_the_server_is_away_and_delivers_everything_after
     with caplog.at_level(logging.INFO):
         assert worker.run() == 1
 
-    assert [(call, epoch) for call, _, epoch in server.calls if call != "claim"] == [
+    assert [(call, epoch) for call, _, epoch in server.calls
+            if not call.startswith("claim")] == [
         ("report", 1), ("report", 2), ("report", 3), ("complete", None)]
     assert "spooled (1 waiting); training goes on" in caplog.text
     assert not (tmp_path / "checkpoints" / "spooled" / "trial-4.pt").exists()
@@ -407,3 +413,56 @@ def test_worker_waits_out_an_unreachable_server_when_claiming(tmp_path: Path, ca
 
     assert caplog.text.count("cannot claim") == 1
     assert "reaches the server again" in caplog.text
+
+
+def test_worker_claims_its_next_trial_with_each_completion(tmp_path: Path):
+    server = FakeServer()
+    server.claims = [assignment("lease-1", number=4, epochs=1),
+                     assignment("lease-2", number=5, epochs=1)]
+
+    assert worker_with(server, tmp_path).run() == 2
+
+    assert [(call, trial_id) for call, trial_id, _ in server.calls] == [
+        ("claim", 0), ("report", 14), ("complete", 14), ("claim with the completion", 14),
+        ("report", 15), ("complete", 15), ("claim with the completion", 15),
+    ]  # the last completion's claim got nothing: with max_idle_s 0 the worker leaves
+
+
+def test_completion_that_waited_in_the_spool_goes_without_a_claim(spool: Spool):
+    server = FakeServer()
+    server.down = True
+    outbox = Outbox(spool, server)  # type: ignore[arg-type]
+    claim = protocol.ClaimRequest(worker_id="w1")
+
+    # Tried and unanswered; then listed behind a report that was not answered.
+    tried = outbox.send("complete", assignment(), complete(), claim_next=claim)
+    outbox.post("report", assignment("lease-2", number=5), report(1, "lease-2")).wait(10)
+    not_reached = outbox.send("complete", assignment("lease-2", number=5),
+                              complete("lease-2"), claim_next=claim)
+    server.down = False
+    outbox.deliver()
+
+    assert tried.answer is None and not_reached.answer is None
+    # No "claim with the completion": each completion went out after it had waited.
+    assert server.calls == [("complete", 14, None), ("report", 15, 1), ("complete", 15, None)]
+    outbox.close()
+
+
+def test_worker_told_to_leave_hands_back_a_trial_claimed_with_its_completion(tmp_path: Path):
+    server = FakeServer()
+    server.claims = [assignment("lease-1", number=4, epochs=1),
+                     assignment("lease-2", number=5, epochs=1)]
+    worker = worker_with(server, tmp_path)
+    send_result = server.send_result
+
+    def leave_while_completing(call: str, trial_id: int, body: dict, patience_s=None):
+        answer = send_result(call, trial_id, body, patience_s)
+        if call == "complete":
+            worker.shutdown.set()  # the signal comes while the completion is answered
+        return answer
+
+    server.send_result = leave_while_completing  # type: ignore[method-assign]
+    assert worker.run() == 1
+
+    assert [(call, trial_id) for call, trial_id, _ in server.calls][-2:] == [
+        ("claim with the completion", 14), ("fail", 15)]

@@ -118,7 +118,9 @@ class WorkerClient:
         delay_s = 0.5
         while True:
             try:
-                response = self._http.post(path, content=body.model_dump_json(),
+                # Unset optional fields stay out of the body, so that a server older than
+                # a field (`claim_next`) reads the body it always has.
+                response = self._http.post(path, content=body.model_dump_json(exclude_none=True),
                                            headers={"Content-Type": "application/json"})
             except httpx.TransportError as error:
                 problem = f"{type(error).__name__}: {error}"

@@ -262,6 +262,8 @@ class Outbox:
         # Claims to send with a completion's first try, by sequence (`send`); never on
         # disk, so that a completion delivered later, or by another worker, claims nothing.
         self._claims_next: dict[int, protocol.ClaimRequest] = {}
+        # False once a server older than `claim_next` refused it: claims go apart then.
+        self.server_takes_claims = True
         # The sender thread and what wakes it: a post since its last pass, or close.
         self._sender: threading.Thread | None = None
         self._wake = threading.Condition()
@@ -348,8 +350,19 @@ class Outbox:
             if claim_next is not None:
                 body = {**body, "claim_next": claim_next.model_dump(mode="json")}
             try:
-                answer = self.client.send_result(entry.call, entry.trial_id, body,
-                                                 patience_s=0)
+                try:
+                    answer = self.client.send_result(entry.call, entry.trial_id, body,
+                                                     patience_s=0)
+                except ServerError as error:
+                    if claim_next is None or error.status_code != 422:
+                        raise
+                    # A server older than `claim_next` refuses the field, not the result:
+                    # the completion goes again without it, and claims go apart from now.
+                    logger.info("%s: the server does not take a claim with a completion "
+                                "(%s); claims go apart", entry.label, error)
+                    self.server_takes_claims = False
+                    answer = self.client.send_result(entry.call, entry.trial_id, entry.body,
+                                                     patience_s=0)
             except ServerUnreachable as error:
                 self._note_unreachable(error, entries[-1].sequence)
                 return
@@ -411,7 +424,7 @@ class Outbox:
                                       body)
             posted = Posted(entry, on_delivery)
             self._posted[entry.sequence] = posted
-            if claim_next is not None:
+            if claim_next is not None and self.server_takes_claims:
                 self._claims_next[entry.sequence] = claim_next
         return posted
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from clrsearch import protocol
 from clrsearch.spec import CyclicParams, TaskSpec
-from worker.client import LeaseLost, ServerError, ServerUnreachable
+from worker.client import LeaseLost, ServerError, ServerUnreachable, WorkerClient
 from worker.loop import Worker
 from worker.settings import WorkerSettings
 from worker.spool import Outbox, Spool, SpoolBusy
@@ -466,3 +468,43 @@ def test_worker_told_to_leave_hands_back_a_trial_claimed_with_its_completion(tmp
 
     assert [(call, trial_id) for call, trial_id, _ in server.calls][-2:] == [
         ("claim with the completion", 14), ("fail", 15)]
+
+
+def test_server_without_claim_next_gets_the_completion_and_later_claims_apart(tmp_path: Path):
+    server = FakeServer()
+    server.claims = [assignment("lease-1", number=4, epochs=1),
+                     assignment("lease-2", number=5, epochs=1)]
+    send_result = server.send_result
+
+    def older_server(call: str, trial_id: int, body: dict, patience_s=None):
+        if body.get("claim_next") is not None:  # a server before claim_next answers so
+            server.calls.append(("refused: claim_next", trial_id, None))
+            raise ServerError("body.claim_next: Extra inputs are not permitted", 422)
+        return send_result(call, trial_id, body, patience_s)
+
+    server.send_result = older_server  # type: ignore[method-assign]
+    assert worker_with(server, tmp_path).run() == 2
+
+    assert [(call, trial_id) for call, trial_id, _ in server.calls] == [
+        ("claim", 0), ("report", 14), ("refused: claim_next", 14), ("complete", 14),
+        ("claim", 0), ("report", 15), ("complete", 15), ("claim", 0),
+    ]
+
+
+def test_a_completion_without_a_claim_sends_the_body_servers_before_claim_next_read():
+    sent: list[dict] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json={"recorded": True, "state": "complete"})
+
+    client = WorkerClient("http://server")
+    client._http = httpx.Client(base_url="http://server/api/v1/worker",
+                                transport=httpx.MockTransport(server))
+    client.complete(14, complete())
+    client.complete(14, complete().model_copy(
+        update={"claim_next": protocol.ClaimRequest(worker_id="w1")}))
+
+    assert sent[0] == {"lease_id": "lease-1", "value": 0.25, "pruned": False,
+                       "stopped": False}
+    assert sent[1]["claim_next"]["worker_id"] == "w1"

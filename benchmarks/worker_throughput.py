@@ -4,7 +4,7 @@ the time from one trial's end to the next trial's first optimizer step.
     python -m benchmarks.worker_throughput --repeats 5
 
 Throughput, samples per second over a whole trial (model built, every epoch trained and
-evaluated), three ways in the same process, interleaved repeat by repeat:
+evaluated), four ways in the same process, interleaved repeat by repeat:
 
 - `bare`: a loop written by hand: the same model (`worker.models.build_model`), data,
   batch size, SGD settings and torch `CyclicLR`; shuffled each epoch, evaluated each
@@ -15,7 +15,10 @@ evaluated), three ways in the same process, interleaved repeat by repeat:
   process (SQLite, pruner `none`): every epoch spooled and reported over HTTP by the
   outbox's sender thread while the next epoch trains, heartbeat thread, the wait for the
   last report's answer, completion. The claimed trial's parameters are replaced by the
-  fixed ones the other two use, so all three train the same thing.
+  fixed ones the other two use, so all three train the same thing;
+- `worker, instant server`: the same, with a stand-in client that answers every result
+  at once: the worker's own part of reporting, without the server's answers or HTTP
+  (on this 2-core machine the server shares the cores with training).
 
 Turnaround, measured in process: a real `Worker.run()` against the same server runs a
 study of `--turnaround-trials` one-epoch trials with the data set already cached.
@@ -112,6 +115,35 @@ def worker_trial(trial_worker: Worker, client: httpx.Client,
     answer = client.post("/claim", json={"worker_id": "throughput", "device": "cpu"}).json()
     assignment = protocol.TrialAssignment.model_validate(answer["trial"])
     assignment = assignment.model_copy(update={"params": PARAMS})
+    started = time.perf_counter()
+    trial_worker.run_trial(assignment)
+    return time.perf_counter() - started
+
+
+class InstantServer:
+    """Stands in for the worker's HTTP client: every result is answered at once, as
+    recorded and "continue", so a worker on it pays only its own part of reporting
+    (LR logging, spool files, the sender thread), not the server's."""
+
+    def send_result(self, call: str, trial_id: int, body: dict, patience_s: Any = None
+                    ) -> protocol.Decision | protocol.Ack:
+        if call == "report":
+            return protocol.Decision(action="continue")
+        return protocol.Ack(recorded=True, state="complete")
+
+    def heartbeat(self, trial_id: int, lease_id: str, patience_s: Any = None
+                  ) -> protocol.Decision:
+        return protocol.Decision(action="continue")
+
+    def close(self) -> None:
+        pass
+
+
+def instant_trial(trial_worker: Worker, number: int, task: TaskSpec) -> float:
+    assignment = protocol.TrialAssignment(
+        trial_id=number, lease_id=f"instant-{number}", study_name="instant", number=number,
+        attempt=1, params=PARAMS, task=task, objective="val_loss", lease_s=600,
+        heartbeat_s=300)
     started = time.perf_counter()
     trial_worker.run_trial(assignment)
     return time.perf_counter() - started
@@ -222,7 +254,8 @@ def main() -> None:
     print(f"worker throughput, {args.dataset}/{args.model}, batch {args.batch_size}, "
           f"{args.epochs} epochs, {args.threads} torch thread(s), CPU; {common.machine()}")
 
-    times: dict[str, list[float]] = {"bare": [], "train_trial": [], "worker": []}
+    times: dict[str, list[float]] = {"bare": [], "train_trial": [], "worker": [],
+                                     "worker, instant server": []}
     bare_first_steps: list[float] = []
     with common.workdir() as folder, \
             common.fresh_database(args.database, folder, args.postgres_url) as database, \
@@ -234,6 +267,8 @@ def main() -> None:
                                   device="cpu", data_dir=folder / "data",
                                   torch_threads=args.threads)
         trial_worker = Worker(settings)
+        instant_worker = Worker(settings.model_copy(update={"worker_id": "instant"}),
+                                client=InstantServer())  # type: ignore[arg-type]
         calls = time_result_calls(trial_worker)
         data = trial_worker.datasets.get(task)
         samples = len(data.train_y) * args.epochs
@@ -248,12 +283,15 @@ def main() -> None:
                     for stamped in calls.values():
                         stamped.clear()
                 worker_s = worker_trial(trial_worker, client, calls)
+                instant_s = instant_trial(instant_worker, repeat, task)
                 if repeat > 0:
                     times["bare"].append(bare_s)
                     bare_first_steps.append(first_step[0])
                     times["train_trial"].append(loop_s)
                     times["worker"].append(worker_s)
+                    times["worker, instant server"].append(instant_s)
         trial_worker.client.close()
+        instant_worker.outbox.close()
         gaps = measure_turnaround(server.url, folder / "data", task, args.trials,
                                   args.threads)
 

@@ -267,7 +267,9 @@ class SimulatedWorker:
         body = {"lease_id": trial["lease_id"], "value": loss, "pruned": cycle.pruned}
         if not self.claim_apart:
             body["claim_next"] = self._claim_request()
-        self._claimed = self._post(f"{path}/complete", body).get("next")
+        claimed = self._post(f"{path}/complete", body).get("next")
+        # An empty answer is not kept: by the next cycle there may be work (another study).
+        self._claimed = claimed if claimed and claimed["trial"] is not None else None
         cycle.claimed_next = not self.claim_apart
         cycle.value = None if cycle.pruned else loss
         cycle.finished_at = time.perf_counter()

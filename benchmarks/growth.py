@@ -3,7 +3,8 @@
     python -m benchmarks.growth --database postgres --trials 10000
 
 A real `clrsearch serve` process on a fresh database; one simulated worker runs trial
-cycles (claim, five reports with the median pruner's decision, complete) back to back.
+cycles (reports with the median pruner's decisions, then the completion, which carries
+the next claim; `--claim-apart`: claims of their own) back to back.
 The sampler is `random`, whose work per trial is constant, so what grows is the
 server's: its SQL, Optuna's storage and the pruner. At each checkpoint (100, 300,
 1,000, 3,000, 10,000 trials, up to `--trials`) the figures are taken over the 50
@@ -42,6 +43,13 @@ GOAL = 3.0
 def checkpoints(n_trials: int) -> list[int]:
     points = [point for point in CHECKPOINTS if point <= n_trials]
     return points if points and points[-1] == n_trials else [*points, n_trials]
+
+
+def own_claims(window: list[Cycle]) -> str:
+    """The median claim made in a call of its own; "-" when every claim came with a
+    completion."""
+    own = [cycle.claim_s for cycle in window if not cycle.came_with_completion]
+    return common.ms(common.percentile(own, 50)) if own else "-"
 
 
 def main() -> None:
@@ -118,8 +126,7 @@ def main() -> None:
         row = [
             label, common.ms(figures["cycle"]), f"{figures['cycle'] / base['cycle']:.2f}x",
             common.ms(figures["cpu"]), f"{figures['cpu'] / base['cpu']:.2f}x",
-            common.ms(common.percentile(
-                [c.claim_s for c in window if not c.came_with_completion], 50)),
+            own_claims(window),
             common.ms(common.percentile(reports, 50)),
             common.ms(common.percentile([c.complete_s for c in window], 50)),
         ]

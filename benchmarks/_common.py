@@ -216,10 +216,9 @@ class Cycle:
     finished_at: float = 0.0
     # The objective a trial that ran to its end completed with; None when pruned.
     value: float | None = None
-    # The trial came with the last trial's completion (claim_s is then 0).
+    # The trial came with the last trial's completion (claim_s is then 0), whose time,
+    # like every completion's unless the worker claims apart, includes the next claim.
     came_with_completion: bool = False
-    # The completion also claimed the next trial (its time is in complete_s).
-    claimed_next: bool = False
 
 
 class SimulatedWorker:
@@ -270,7 +269,6 @@ class SimulatedWorker:
         claimed = self._post(f"{path}/complete", body).get("next")
         # An empty answer is not kept: by the next cycle there may be work (another study).
         self._claimed = claimed if claimed and claimed["trial"] is not None else None
-        cycle.claimed_next = not self.claim_apart
         cycle.value = None if cycle.pruned else loss
         cycle.finished_at = time.perf_counter()
         cycle.complete_s = cycle.finished_at - sent
@@ -374,6 +372,13 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
+
+
+def own_claims_ms(window: Sequence[Cycle]) -> str:
+    """The median claim made in a call of its own; "-" when every claim came with a
+    completion."""
+    own = [cycle.claim_s for cycle in window if not cycle.came_with_completion]
+    return ms(percentile(own, 50)) if own else "-"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -173,9 +173,8 @@ def main() -> None:
     for name, cycles in runs.items():
         window = cycles[a:b]
         reports = [s for c in window for s in c.report_s]
-        apart = [c.claim_s for c in window if not c.came_with_completion]
         rows.append([
-            name, common.ms(common.percentile(apart, 50)) if apart else "in complete",
+            name, common.own_claims_ms(window),
             common.ms(common.percentile(reports, 50)),
             common.ms(common.percentile([c.complete_s for c in window], 50)),
             f"{sum(len(c.report_s) for c in window) / len(window):.2f}",

@@ -45,13 +45,6 @@ def checkpoints(n_trials: int) -> list[int]:
     return points if points and points[-1] == n_trials else [*points, n_trials]
 
 
-def own_claims(window: list[Cycle]) -> str:
-    """The median claim made in a call of its own; "-" when every claim came with a
-    completion."""
-    own = [cycle.claim_s for cycle in window if not cycle.came_with_completion]
-    return common.ms(common.percentile(own, 50)) if own else "-"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_options(parser, trials=1000)
@@ -126,7 +119,7 @@ def main() -> None:
         row = [
             label, common.ms(figures["cycle"]), f"{figures['cycle'] / base['cycle']:.2f}x",
             common.ms(figures["cpu"]), f"{figures['cpu'] / base['cpu']:.2f}x",
-            own_claims(window),
+            common.own_claims_ms(window),
             common.ms(common.percentile(reports, 50)),
             common.ms(common.percentile([c.complete_s for c in window], 50)),
         ]

@@ -194,8 +194,8 @@ def main() -> None:
     late_claims = [took for number, took in load.claims if number >= late]
     late_reports = [took for number, took in load.reports if number >= late]
     # Timed as the loaded workers' claims are: with the completion that carried them.
-    lone_claims = [cycle.claim_s for cycle in lone] if args.claim_apart else [
-        cycle.complete_s for cycle in lone if cycle.claimed_next]
+    lone_claims = [cycle.claim_s if args.claim_apart else cycle.complete_s
+                   for cycle in lone]
     lone_reports = [s for cycle in lone for s in cycle.report_s]
 
     def row(name: str, values: list[float]) -> list[str]:

@@ -344,25 +344,10 @@ class Outbox:
                 self.spool.remove(entry)
                 self._settle(entry, None)
                 continue
-            body = entry.body
             with self._tracking:
                 claim_next = self._claims_next.pop(entry.sequence, None)
-            if claim_next is not None:
-                body = {**body, "claim_next": claim_next.model_dump(mode="json")}
             try:
-                try:
-                    answer = self.client.send_result(entry.call, entry.trial_id, body,
-                                                     patience_s=0)
-                except ServerError as error:
-                    if claim_next is None or error.status_code != 422:
-                        raise
-                    # A server older than `claim_next` refuses the field, not the result:
-                    # the completion goes again without it, and claims go apart from now.
-                    logger.info("%s: the server does not take a claim with a completion "
-                                "(%s); claims go apart", entry.label, error)
-                    self.server_takes_claims = False
-                    answer = self.client.send_result(entry.call, entry.trial_id, entry.body,
-                                                     patience_s=0)
+                answer = self._send(entry, claim_next)
             except ServerUnreachable as error:
                 self._note_unreachable(error, entries[-1].sequence)
                 return
@@ -388,6 +373,25 @@ class Outbox:
             logger.info("server answers again after %.1f s; every spooled result is "
                         "delivered", time.monotonic() - self._unreachable_since)
             self._unreachable_since = None
+
+    def _send(self, entry: Entry, claim_next: protocol.ClaimRequest | None
+              ) -> protocol.Decision | protocol.Ack:
+        """One try of an entry, with the claim that goes with it, if any."""
+        if claim_next is None:
+            return self.client.send_result(entry.call, entry.trial_id, entry.body,
+                                           patience_s=0)
+        body = {**entry.body, "claim_next": claim_next.model_dump(mode="json")}
+        try:
+            return self.client.send_result(entry.call, entry.trial_id, body, patience_s=0)
+        except ServerError as error:
+            if error.status_code != 422:
+                raise
+        # A server older than `claim_next` refuses the field, not the result: the
+        # completion goes again without it, and claims go apart from now on.
+        logger.info("%s: the server does not take a claim with a completion; claims go "
+                    "apart", entry.label)
+        self.server_takes_claims = False
+        return self._send(entry, None)
 
     def drain(self, stop: threading.Event) -> bool:
         """Deliver until the spool is empty, pausing longer after each failed pass; False
